@@ -1,0 +1,92 @@
+"""The aiohttp Application factory: wiring of the parts, routes, and their start-up/cleanup contexts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from . import appkeys as K
+from . import config as cfg
+from . import handlers
+from .auth import KeyRing
+from .cache import EmbeddingCache
+from .coalescer import Coalescer
+from .metrics import Metrics
+from .middleware import access_middleware, auth_middleware, error_middleware
+from .service import EmbeddingService
+from .sim import SimConfig, Simulator, start_sim
+from .store import open_cache_store
+from .upstream import UpstreamClient
+
+log = logging.getLogger("gateway")
+
+
+def create_app(config: cfg.Config, *, simulator: Simulator | None = None) -> web.Application:
+    """Builds the app. With `upstream.url: sim://` it runs a simulator in-process (or the one given)."""
+    app = web.Application(
+        middlewares=[access_middleware(), error_middleware(), auth_middleware()],
+        # aiohttp refuses a larger body while reading it; our handler turns that into the JSON 413.
+        client_max_size=config.limits.max_body_bytes,
+    )
+    app[K.CONFIG] = config
+    app[K.KEYRING] = KeyRing(config)
+    app[K.METRICS] = Metrics()
+    if simulator is not None:
+        app[K.SIMULATOR] = simulator
+    app.cleanup_ctx.append(_parts)
+    app.router.add_post("/v1/embeddings", handlers.embeddings)
+    app.router.add_post("/embeddings", handlers.embeddings)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
+    return app
+
+
+async def _parts(app: web.Application) -> AsyncIterator[None]:
+    config = app[K.CONFIG]
+    metrics = app[K.METRICS]
+    sim_runner = None
+    base_url = config.upstream.url
+    if base_url.startswith("sim://"):
+        sim = app.get(K.SIMULATOR) or Simulator(_sim_config(config.upstream.sim))
+        app[K.SIMULATOR] = sim
+        sim_runner, base_url = await start_sim(sim)
+    store = open_cache_store(
+        config.cache.url, max_bytes=config.cache.max_bytes, socket_timeout_s=config.cache.socket_timeout_s
+    )
+    app[K.CACHE_STORE] = store
+    cache = EmbeddingCache(
+        store,
+        ttl_s=config.cache.ttl_s,
+        error_backoff_s=config.cache.error_backoff_s,
+        on_error=lambda op: metrics.store_errors.labels("cache", op).inc(),
+    )
+    app[K.CACHE] = cache
+    connector = aiohttp.TCPConnector(limit=max(100, config.upstream.limits.max_concurrency * 2))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        upstream = UpstreamClient(session, config.upstream, base_url, metrics)
+        coalescer = Coalescer(
+            upstream, cache, config.coalesce, config.upstream, metrics,
+            call_budget_s=config.limits.request_timeout_s,
+        )
+        app[K.COALESCER] = coalescer
+        app[K.SERVICE] = EmbeddingService(cache, coalescer, scope=config.cache.scope)
+        try:
+            yield
+        finally:
+            await coalescer.close()
+            await store.close()
+            if sim_runner is not None:
+                await sim_runner.cleanup()
+
+
+def _sim_config(s: cfg.SimSettings) -> SimConfig:
+    return SimConfig(
+        latency_base_ms=s.latency_base_ms,
+        latency_per_token_ms=s.latency_per_token_ms,
+        rate_limit_requests=s.rate_limit_requests,
+        rate_window_s=s.rate_window_s,
+    )

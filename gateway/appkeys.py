@@ -1,0 +1,28 @@
+"""Typed keys for what the app shares with handlers and middlewares (aiohttp `web.AppKey`)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import config as cfg
+from .auth import KeyRing
+from .cache import EmbeddingCache
+from .coalescer import Coalescer
+from .metrics import Metrics
+from .service import EmbeddingService
+from .sim import Simulator
+from .store import CacheStore
+
+CONFIG = web.AppKey("config", cfg.Config)
+KEYRING = web.AppKey("keyring", KeyRing)
+METRICS = web.AppKey("metrics", Metrics)
+CACHE_STORE = web.AppKey("cache_store", CacheStore)
+CACHE = web.AppKey("cache", EmbeddingCache)
+COALESCER = web.AppKey("coalescer", Coalescer)
+SERVICE = web.AppKey("service", EmbeddingService)
+# The in-process simulated upstream when `upstream.url` is `sim://` (tests read its counters).
+SIMULATOR = web.AppKey("simulator", Simulator)
+
+# Per-request values (set by middlewares, read by handlers and the access log).
+PRINCIPAL = "eg.principal"
+LOG_FIELDS = "eg.log"

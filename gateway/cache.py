@@ -1,0 +1,196 @@
+"""The per-input embedding cache: content keys, the binary entry codec, and store access that never fails
+a request.
+
+An entry is a few header bytes + the float32 vector. The float's top byte (sign and high exponent bits) is
+highly redundant in embeddings, so it is deflated as one plane when that saves space; the three low bytes
+stay raw. A 1024-dim vector takes ~3.5 KB instead of 4 KB, which also keeps it under Redis's 4 KB jemalloc
+size class. Entries are immutable and content-addressed, so there is nothing to invalidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from .protocol import EmbeddingRequest, Item, canonical_item
+from .store import CacheStore
+
+log = logging.getLogger("gateway.cache")
+
+VERSION = 1
+# version, flags, rows (0 = one vector; n = n rows of a multivector / n vectors of a unit), tokens
+_HEADER = struct.Struct("<BBHI")
+_FLAG_PLANE = 1  # top byte plane deflated
+_FLAG_UNIT = 2  # a list of vectors (late chunking / multivector unit), rows = how many
+_UNIT_SHAPE = struct.Struct("<HH")  # per vector of a unit: rows (0 = 1-D), dim
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One cached answer: a vector (1-D), a multivector (2-D), or a unit (list of arrays), and its tokens."""
+
+    vectors: np.ndarray | list[np.ndarray]
+    tokens: int
+
+
+# ---- keys ------------------------------------------------------------------------------------------------
+
+
+def key_prefix(request: EmbeddingRequest, team: str | None) -> bytes:
+    """The part of every key shared by a request's items: canonical params, and the team when scoped."""
+    team_part = b"" if team is None else team.encode()
+    return request.canonical_params + b"\x00" + team_part + b"\x00"
+
+
+def item_keys(prefix: bytes, items: Sequence[Item]) -> list[bytes]:
+    base = xxhash.xxh3_128(prefix)
+    keys = []
+    for item in items:
+        h = base.copy()
+        h.update(canonical_item(item))
+        keys.append(h.digest())
+    return keys
+
+
+def unit_key(prefix: bytes, items: Sequence[Item]) -> bytes:
+    """One key over the ordered list (length-prefixed so item boundaries are unambiguous)."""
+    h = xxhash.xxh3_128(prefix + b"unit\x00")
+    for item in items:
+        c = canonical_item(item)
+        h.update(len(c).to_bytes(8, "little"))
+        h.update(c)
+    return h.digest()
+
+
+# ---- codec -----------------------------------------------------------------------------------------------
+
+
+def encode(vec: np.ndarray, tokens: int) -> bytes:
+    arr = np.ascontiguousarray(vec, dtype="<f4")
+    rows = arr.shape[0] if arr.ndim == 2 else 0
+    payload, flags = _pack_floats(arr.reshape(-1))
+    return _HEADER.pack(VERSION, flags, rows, tokens) + payload
+
+
+def encode_unit(vectors: Sequence[np.ndarray], tokens: int) -> bytes:
+    shapes = b"".join(
+        _UNIT_SHAPE.pack(v.shape[0] if v.ndim == 2 else 0, v.shape[-1]) for v in vectors
+    )
+    flat = np.concatenate([np.asarray(v, dtype="<f4").reshape(-1) for v in vectors])
+    payload, flags = _pack_floats(flat)
+    return _HEADER.pack(VERSION, flags | _FLAG_UNIT, len(vectors), tokens) + shapes + payload
+
+
+def decode(raw: bytes) -> Entry:
+    version, flags, rows, tokens = _HEADER.unpack_from(raw)
+    if version != VERSION:
+        raise ValueError(f"cache entry version {version}")
+    offset = _HEADER.size
+    if flags & _FLAG_UNIT:
+        shapes = [_UNIT_SHAPE.unpack_from(raw, offset + i * _UNIT_SHAPE.size) for i in range(rows)]
+        offset += rows * _UNIT_SHAPE.size
+        flat = _unpack_floats(memoryview(raw)[offset:], flags)
+        return Entry(vectors=_split_unit(flat, shapes), tokens=tokens)
+    flat = _unpack_floats(memoryview(raw)[offset:], flags)
+    return Entry(vectors=flat.reshape(rows, -1) if rows else flat, tokens=tokens)
+
+
+def _split_unit(flat: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    out, pos = [], 0
+    for rows, dim in shapes:
+        n = max(rows, 1) * dim
+        part = flat[pos : pos + n]
+        out.append(part.reshape(rows, dim) if rows else part)
+        pos += n
+    return out
+
+
+def _pack_floats(flat: np.ndarray) -> tuple[bytes, int]:
+    planes = flat.view(np.uint8).reshape(-1, 4)
+    top = zlib.compress(planes[:, 3].tobytes(), 1, wbits=-15)
+    if len(top) + 2 >= flat.size:  # incompressible: raw is smaller and faster
+        return flat.tobytes(), 0
+    low = planes[:, :3].tobytes()
+    return len(top).to_bytes(2, "little") + top + low, _FLAG_PLANE
+
+
+def _unpack_floats(buf: memoryview, flags: int) -> np.ndarray:
+    if not flags & _FLAG_PLANE:
+        return np.frombuffer(buf, dtype="<f4")
+    size = int.from_bytes(buf[:2], "little")
+    top = np.frombuffer(zlib.decompress(buf[2 : 2 + size], wbits=-15), dtype=np.uint8)
+    out = np.empty((top.size, 4), dtype=np.uint8)
+    out[:, :3] = np.frombuffer(buf[2 + size :], dtype=np.uint8).reshape(-1, 3)
+    out[:, 3] = top
+    return out.reshape(-1).view("<f4")
+
+
+# ---- the cache -------------------------------------------------------------------------------------------
+
+
+class EmbeddingCache:
+    """get_many/set_many over a store; store errors are logged, counted and bypassed, never raised.
+
+    After an error the store is skipped for `error_backoff_s`, so an outage costs one timeout per backoff
+    period instead of one per request, and caching resumes by itself when the store is back.
+    """
+
+    def __init__(
+        self,
+        store: CacheStore,
+        *,
+        ttl_s: int,
+        error_backoff_s: float = 1.0,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.on_error = on_error
+        self.ttl_s = ttl_s
+        self.error_backoff_s = error_backoff_s
+        self.errors = 0
+        self._skip_until = 0.0
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self.errors += 1
+        self._skip_until = time.monotonic() + self.error_backoff_s
+        if self.on_error is not None:
+            self.on_error(op)
+        log.warning("cache %s failed, bypassing the cache for %.1fs: %r", op, self.error_backoff_s, exc)
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[Entry | None]:
+        if not keys or not self._available():
+            return [None] * len(keys)
+        try:
+            raws = await self.store.get_many(keys)
+        except Exception as exc:
+            self._failed("get", exc)
+            return [None] * len(keys)
+        return [self._decode(raw) for raw in raws]
+
+    def _decode(self, raw: bytes | None) -> Entry | None:
+        if raw is None:
+            return None
+        try:
+            return decode(raw)
+        except (ValueError, struct.error, zlib.error):
+            log.warning("dropping an undecodable cache entry of %d bytes", len(raw))
+            return None
+
+    async def set_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        if not items or not self._available():
+            return
+        try:
+            await self.store.set_many(items, self.ttl_s)
+        except Exception as exc:
+            self._failed("set", exc)
+

@@ -1,0 +1,130 @@
+"""`embedding-gateway serve | keys new | keys hash | sim | check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import config as cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    result: int = args.func(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedding-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", "-c", default="config/demo.yaml", help="YAML config file")
+    serve.add_argument("--host", help="override listen.host")
+    serve.add_argument("--port", type=int, help="override listen.port")
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config")
+    check.set_defaults(func=_check)
+
+    keys = sub.add_parser("keys", help="team key helpers")
+    keys_sub = keys.add_subparsers(dest="keys_command")
+    new = keys_sub.add_parser("new", help="print a new random key and the line to paste into the config")
+    new.set_defaults(func=_keys_new)
+    hash_ = keys_sub.add_parser("hash", help="print the config line for an existing key (read from stdin)")
+    hash_.set_defaults(func=_keys_hash)
+
+    sim = sub.add_parser("sim", help="run the simulated Jina upstream as its own server")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8090)
+    sim.add_argument("--latency-ms", type=float, default=0.0, help="base latency per call")
+    sim.add_argument("--latency-per-token-ms", type=float, default=0.0)
+    sim.add_argument("--rpm", type=int, default=None, help="requests per minute before answering 429")
+    sim.add_argument("--api-key", default=None, help="require this bearer key")
+    sim.set_defaults(func=_sim)
+    return parser
+
+
+def _load(path: str) -> cfg.Config:
+    try:
+        return cfg.load_config(path)
+    except (cfg.ConfigError, OSError) as exc:
+        print(f"embedding-gateway: {path}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .app import create_app
+
+    config = _load(args.config)
+    logging.basicConfig(level=config.log_level, format="%(message)s" , stream=sys.stderr)
+    host = args.host or config.listen.host
+    port = args.port or config.listen.port
+    _install_uvloop()
+    web.run_app(
+        create_app(config),
+        host=host,
+        port=port,
+        access_log=None,
+        shutdown_timeout=config.shutdown_timeout_s,
+        print=lambda _: print(f"embedding-gateway listening on http://{host}:{port}", flush=True),
+    )
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(f"{args.config}: ok ({len(config.teams)} teams, upstream {config.upstream.url})")
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from .auth import hash_key, new_key
+
+    key = new_key()
+    print(f"key:         {key}")
+    print(f'config line: keys: ["{hash_key(key)}"]')
+    return 0
+
+
+def _keys_hash(args: argparse.Namespace) -> int:
+    from .auth import hash_key
+
+    key = sys.stdin.readline().strip()
+    print(hash_key(key))
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from .sim import SimConfig, run_sim
+
+    _install_uvloop()
+    run_sim(
+        args.host,
+        args.port,
+        SimConfig(
+            latency_base_ms=args.latency_ms,
+            latency_per_token_ms=args.latency_per_token_ms,
+            rate_limit_requests=args.rpm,
+            api_key=args.api_key,
+        ),
+    )
+    return 0
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -1,0 +1,275 @@
+"""Configuration: YAML in, frozen dataclasses out, built once and validated with errors that name the key path.
+
+The loader is deliberately small: it walks the dataclass fields and their type hints, so adding a setting is
+adding a field with a default. `${VAR}` and `${VAR:-default}` are interpolated from the environment first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key path."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamLimits:
+    """Limits of the one shared upstream key, enforced across all replicas through the state store."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrency: int = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimSettings:
+    """Settings of the built-in simulated upstream used when `upstream.url` is `sim://`."""
+
+    latency_base_ms: float = 20.0
+    latency_per_token_ms: float = 0.0
+    rate_limit_requests: int | None = None
+    rate_window_s: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Upstream:
+    url: str = "sim://"
+    api_key: str = ""
+    # "jina" asks for `embedding_type: base64`, "openai" for `encoding_format: base64`.
+    api: Literal["jina", "openai"] = "jina"
+    timeout_s: float = 30.0
+    max_retries: int = 4
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 8.0
+    # The upstream's per-request input limit; larger miss lists are split into several calls.
+    max_inputs_per_call: dict[str, int] = field(
+        default_factory=lambda: {"jina-embeddings-v4": 512, "jina-embeddings-v3": 2048}
+    )
+    default_max_inputs_per_call: int = 2048
+    limits: UpstreamLimits = field(default_factory=UpstreamLimits)
+    sim: SimSettings = field(default_factory=SimSettings)
+
+    def max_inputs_for(self, model: str) -> int:
+        return self.max_inputs_per_call.get(model, self.default_max_inputs_per_call)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cache:
+    url: str = "memory://"
+    ttl_s: int = 30 * 24 * 3600
+    scope: Literal["global", "team"] = "global"
+    # Bound of the in-memory store (memory:// only), in bytes of stored entries.
+    max_bytes: int = 512 * 1024 * 1024
+    # Seconds the cache is bypassed after a store error, so an outage costs one timeout, not one per request.
+    error_backoff_s: float = 1.0
+    socket_timeout_s: float = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class State:
+    url: str = "memory://"
+    socket_timeout_s: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_inputs_per_request: int = 2048
+    request_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Coalesce:
+    max_batch_inputs: int = 256
+    max_batch_tokens: int = 131_072
+    max_wait_ms: float = 10.0
+    max_queue_inputs: int = 100_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quota:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Team:
+    name: str
+    keys: tuple[str, ...] = ()
+    quota: Quota = field(default_factory=Quota)
+    models: tuple[str, ...] | None = None
+    max_inputs_per_request: int | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuotaSettings:
+    cached_token_weight: float = 0.0
+    on_store_error: Literal["open", "closed"] = "open"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Metrics:
+    token: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    listen: Listen = field(default_factory=Listen)
+    upstream: Upstream = field(default_factory=Upstream)
+    cache: Cache = field(default_factory=Cache)
+    state: State = field(default_factory=State)
+    limits: Limits = field(default_factory=Limits)
+    coalesce: Coalesce = field(default_factory=Coalesce)
+    quota: QuotaSettings = field(default_factory=QuotaSettings)
+    metrics: Metrics = field(default_factory=Metrics)
+    teams: tuple[Team, ...] = ()
+    admin_keys: tuple[str, ...] = ()
+    # USD per 1M tokens, per model, for the cost metrics and the usage API.
+    prices: dict[str, float] = field(default_factory=dict)
+    shutdown_timeout_s: float = 30.0
+    log_level: str = "INFO"
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Replaces `${VAR}` / `${VAR:-default}`; a missing variable without a default is an error.
+
+    Comments are left alone, so an example `${VAR}` in a comment does not need the variable.
+    """
+    out = []
+    for number, line in enumerate(text.split("\n"), 1):
+        code, hash_, comment = line.partition(" #")
+        out.append(_VAR.sub(lambda m, n=number: _lookup(m, env, n), code) + hash_ + comment)
+    return "\n".join(out)
+
+
+def _lookup(m: re.Match[str], env: Mapping[str, str], line: int) -> str:
+    name, default = m.group(1), m.group(2)
+    if name in env:
+        return env[name]
+    if default is not None:
+        return default
+    raise ConfigError(f"line {line}: environment variable {name} is not set (or write ${{{name}:-default}})")
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    text = Path(path).read_text(encoding="utf-8")
+    return parse_config(text, env)
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
+    text = interpolate(text, os.environ if env is None else env)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    config = build(Config, data, "")
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    names = [t.name for t in config.teams]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"teams.{i}.name: duplicate team name {name!r}")
+    seen: dict[str, str] = {}
+    for i, team in enumerate(config.teams):
+        for j, key in enumerate(team.keys):
+            where = f"teams.{i}.keys.{j}"
+            _check_key_hash(key, where)
+            if key in seen:
+                raise ConfigError(f"{where}: key already belongs to team {seen[key]!r}")
+            seen[key] = team.name
+    for j, key in enumerate(config.admin_keys):
+        _check_key_hash(key, f"admin_keys.{j}")
+    if not config.upstream.url.startswith(("sim://", "http://", "https://")):
+        raise ConfigError("upstream.url: must be http://, https:// or sim://")
+
+
+def _check_key_hash(key: str, where: str) -> None:
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
+        raise ConfigError(f"{where}: expected 'sha256:<64 hex digits>' (see `embedding-gateway keys new`)")
+
+
+def build(tp: Any, value: Any, path: str) -> Any:
+    """Builds a value of type `tp` from plain YAML data, naming `path` in every error."""
+    where = path or "<root>"
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _build_dataclass(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return build(inner, value, path)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(build(inner, v, f"{path}.{i}") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        _, vt = typing.get_args(tp)
+        return {str(k): build(vt, v, f"{path}.{k}") for k, v in value.items()}
+    return _build_scalar(tp, value, where)
+
+
+def _build_scalar(tp: Any, value: Any, where: str) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got bool")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build_dataclass(tp: type, value: Any, path: str) -> Any:
+    where = path or "<root>"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    hints = typing.get_type_hints(tp)
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    unknown = sorted(set(map(str, value)) - set(fields))
+    if unknown:
+        prefix = f"{path}." if path else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in value:
+            kwargs[name] = build(hints[name], value[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sub}: required key is missing")
+    return tp(**kwargs)

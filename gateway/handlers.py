@@ -1,0 +1,113 @@
+"""HTTP handlers: thin adapters between aiohttp and the parts (service, stores, metrics)."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import appkeys as K
+from .auth import Principal
+from .errors import Forbidden, PayloadTooLarge
+from .protocol import parse_embedding_request, parse_json_object, render_embeddings
+from .service import Outcome
+
+
+def principal_of(request: web.Request) -> Principal:
+    principal: Principal = request[K.PRINCIPAL]
+    return principal
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The body, refused before it is buffered whole when it is over the limit."""
+    limit = request.app[K.CONFIG].limits.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit") from None
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    config = request.app[K.CONFIG]
+    started = time.monotonic()
+    principal = principal_of(request)
+    team = principal.team
+    if team is None:
+        raise Forbidden("admin keys cannot embed; use a team key")
+    body = parse_json_object(await read_body(request))
+    max_inputs = config.limits.max_inputs_per_request
+    if team.max_inputs_per_request is not None:
+        max_inputs = min(max_inputs, team.max_inputs_per_request)
+    req = parse_embedding_request(body, max_inputs=max_inputs)
+    if team.models is not None and req.model not in team.models:
+        raise Forbidden(f"team {team.name!r} may not use model {req.model!r}", code="MODEL_NOT_ALLOWED")
+    outcome = await request.app[K.SERVICE].embed(
+        team, req, deadline=started + config.limits.request_timeout_s
+    )
+    payload = render_embeddings(req.model, outcome.vectors, outcome.tokens, req.output)
+    _account(request, team.name, req.model, len(req.items), outcome)
+    return web.Response(body=payload, content_type="application/json", headers=_headers(outcome))
+
+
+def _headers(outcome: Outcome) -> dict[str, str]:
+    return {
+        "X-Cache-Hits": str(outcome.hits),
+        "X-Cache-Misses": str(outcome.misses),
+        "X-Cache-Joined": str(outcome.joined),
+        "X-Upstream-Tokens": str(outcome.upstream_tokens),
+    }
+
+
+def _account(request: web.Request, team: str, model: str, inputs: int, outcome: Outcome) -> None:
+    m = request.app[K.METRICS]
+    m.inputs.labels(team, model, "hit").inc(outcome.hits)
+    m.inputs.labels(team, model, "miss").inc(outcome.misses)
+    m.inputs.labels(team, model, "joined").inc(outcome.joined)
+    m.tokens.labels(team, model, "upstream").inc(outcome.upstream_tokens)
+    m.tokens.labels(team, model, "cache").inc(outcome.cached_tokens)
+    price = request.app[K.CONFIG].prices.get(model)
+    if price:
+        m.cost.labels(team, model, "billed").inc(outcome.upstream_tokens * price / 1e6)
+        m.cost.labels(team, model, "saved").inc(outcome.cached_tokens * price / 1e6)
+    request[K.LOG_FIELDS].update(
+        model=model, inputs=inputs, hits=outcome.hits, misses=outcome.misses, joined=outcome.joined,
+        upstream_tokens=outcome.upstream_tokens,
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = {"cache": await _ping(request.app[K.CACHE_STORE])}
+    ready = all(checks.values())
+    body = {"status": "ready" if ready else "unavailable", "checks": checks}
+    return web.Response(
+        status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json"
+    )
+
+
+async def _ping(store: object) -> bool:
+    try:
+        return bool(await store.ping())  # type: ignore[attr-defined]
+    except Exception:
+        return False
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Needs `metrics.token` (what a Prometheus scrape config carries) or an admin key."""
+    authorization = request.headers.get("Authorization", "")
+    token = request.app[K.CONFIG].metrics.token
+    presented = authorization.removeprefix("Bearer ").strip()
+    if not (token and hmac.compare_digest(presented.encode(), token.encode())):
+        principal = request.app[K.KEYRING].authenticate(authorization)
+        if not principal.admin:
+            raise Forbidden("metrics need the metrics token or an admin key")
+    payload = generate_latest(request.app[K.METRICS].registry)
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,107 @@
+"""Middlewares, outermost first: request id + access log + latency, errors → JSON, authentication."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from . import appkeys as K
+from .errors import GatewayError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+access_log = logging.getLogger("gateway.access")
+log = logging.getLogger("gateway")
+
+# Paths that answer without a key: liveness and readiness probes (metrics has its own optional token).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+_HTTP_CODES = {
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+
+def json_error(status: int, detail: str, code: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"detail": detail, "code": code}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def access_middleware() -> Middleware:
+    @web.middleware
+    async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+        fields: dict[str, object] = {}
+        request[K.LOG_FIELDS] = fields
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            response.headers["X-Request-Id"] = request_id
+            return response
+        finally:
+            _observe(request, request_id, status, time.perf_counter() - started, fields)
+
+    return impl
+
+
+def _observe(request: web.Request, rid: str, status: int, seconds: float, fields: dict[str, object]) -> None:
+    route = request.match_info.route.resource
+    path = route.canonical if route is not None else "unmatched"
+    principal = request.get(K.PRINCIPAL)
+    team = principal.name if principal is not None else ""
+    metrics = request.app[K.METRICS]
+    metrics.requests.labels(path, str(status), team).inc()
+    metrics.request_seconds.labels(path).observe(seconds)
+    if path in ("/healthz", "/readyz", "/metrics"):
+        return
+    line = {"request_id": rid, "method": request.method, "path": path, "team": team, "status": status,
+            "latency_ms": round(seconds * 1000, 3), **fields}
+    access_log.info(orjson.dumps(line).decode())
+
+
+def error_middleware() -> Middleware:
+    @web.middleware
+    async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return web.Response(
+                status=exc.status, body=orjson.dumps(exc.body()), content_type="application/json",
+                headers=exc.headers,
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _HTTP_CODES.get(exc.status, "HTTP_ERROR")
+            headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+            return json_error(exc.status, exc.reason, code, headers)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return json_error(500, "internal error", "INTERNAL_ERROR")
+
+    return impl
+
+
+def auth_middleware() -> Middleware:
+    @web.middleware
+    async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            keyring = request.app[K.KEYRING]
+            request[K.PRINCIPAL] = keyring.authenticate(request.headers.get("Authorization"))
+        return await handler(request)
+
+    return impl

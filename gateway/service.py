@@ -1,0 +1,157 @@
+"""The embedding pipeline, independent of HTTP: keys → cache → admission → coalescer → one answer.
+
+Both the `/v1/embeddings` handler and the batch worker call `EmbeddingService.embed`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import xxhash
+
+from . import config as cfg
+from .cache import EmbeddingCache, Entry, item_keys, key_prefix, unit_key
+from .coalescer import Coalescer, Miss
+from .protocol import EmbeddingRequest
+from .tokens import estimate
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one request was served; the numbers behind headers, usage, quota and metrics."""
+
+    vectors: list[np.ndarray]
+    tokens: int  # usage reported to the client: every input's tokens, hits included
+    hits: int = 0  # distinct inputs answered from the cache
+    misses: int = 0  # distinct inputs this request sent upstream
+    joined: int = 0  # distinct inputs answered by another caller's flight
+    duplicates: int = 0  # inputs repeated inside the request (served once)
+    upstream_tokens: int = 0  # tokens billed for this request's own misses
+    cached_tokens: int = 0  # tokens this request did not pay for (hits and joined)
+
+
+class Admission(Protocol):
+    """Quota admission: reserve an estimate before the upstream call, reconcile with the actual after."""
+
+    async def reserve(self, team: cfg.Team, *, estimate_tokens: int, cached_tokens: int) -> object: ...
+
+    async def reconcile(self, reservation: object, *, actual_tokens: int) -> None: ...
+
+
+class EmbeddingService:
+    def __init__(
+        self,
+        cache: EmbeddingCache,
+        coalescer: Coalescer,
+        *,
+        scope: str,
+        admission: Admission | None = None,
+    ) -> None:
+        self.cache = cache
+        self.coalescer = coalescer
+        self.scope = scope
+        self.admission = admission
+
+    async def embed(self, team: cfg.Team, request: EmbeddingRequest, *, deadline: float) -> Outcome:
+        prefix = key_prefix(request, team.name if self.scope == "team" else None)
+        if request.unit:
+            return await self._embed_unit(team, request, prefix, deadline)
+        keys = item_keys(prefix, request.items)
+        first: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        unique = list(first)
+        entries = await self.cache.get_many(unique)
+        found: dict[bytes, Entry] = {}
+        misses: list[Miss] = []
+        for key, entry in zip(unique, entries, strict=True):
+            if entry is None:
+                misses.append(Miss(key, request.items[first[key]], estimate(request.items[first[key]])))
+            else:
+                found[key] = entry
+        outcome = Outcome(vectors=[], tokens=0, hits=len(found), duplicates=len(keys) - len(unique))
+        if misses:
+            await self._fetch(team, request, prefix, misses, found, outcome, deadline)
+        outcome.vectors = [_vector(found[k]) for k in keys]
+        outcome.tokens = sum(found[k].tokens for k in keys)
+        outcome.cached_tokens = sum(found[k].tokens for k in unique) - outcome.upstream_tokens
+        return outcome
+
+    async def _fetch(
+        self,
+        team: cfg.Team,
+        request: EmbeddingRequest,
+        prefix: bytes,
+        misses: list[Miss],
+        found: dict[bytes, Entry],
+        outcome: Outcome,
+        deadline: float,
+    ) -> None:
+        reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
+        actual = 0
+        try:
+            group = xxhash.xxh3_128_digest(prefix)
+            owner = self.coalescer.new_owner()
+            result = await self.coalescer.submit(
+                group, request.params, misses, owner=owner, deadline=deadline
+            )
+            for miss, entry, joined in zip(misses, result.entries, result.joined, strict=True):
+                found[miss.key] = entry
+                if joined:
+                    outcome.joined += 1
+                else:
+                    outcome.misses += 1
+                    actual += entry.tokens
+            outcome.upstream_tokens = actual
+        finally:
+            if reservation is not None and self.admission is not None:
+                await self.admission.reconcile(reservation, actual_tokens=actual)
+
+    async def _reserve(self, team: cfg.Team, estimate_tokens: int, found: dict[bytes, Entry]) -> object:
+        if self.admission is None:
+            return None
+        cached = sum(e.tokens for e in found.values())
+        return await self.admission.reserve(team, estimate_tokens=estimate_tokens, cached_tokens=cached)
+
+    async def _embed_unit(
+        self, team: cfg.Team, request: EmbeddingRequest, prefix: bytes, deadline: float
+    ) -> Outcome:
+        key = unit_key(prefix, request.items)
+        (entry,) = await self.cache.get_many([key])
+        if entry is not None:
+            return Outcome(
+                vectors=list(entry.vectors),
+                tokens=entry.tokens,
+                hits=len(request.items),
+                cached_tokens=entry.tokens,
+            )
+        reservation = await self._reserve(team, sum(estimate(i) for i in request.items), {})
+        actual = 0
+        try:
+            entry, joined = await self.coalescer.submit_unit(
+                key, request.params, request.items, deadline=deadline
+            )
+            actual = 0 if joined else entry.tokens
+        finally:
+            if reservation is not None and self.admission is not None:
+                await self.admission.reconcile(reservation, actual_tokens=actual)
+        return Outcome(
+            vectors=list(entry.vectors),
+            tokens=entry.tokens,
+            misses=0 if joined else len(request.items),
+            joined=len(request.items) if joined else 0,
+            upstream_tokens=actual,
+            cached_tokens=entry.tokens - actual,
+        )
+
+
+def _vector(entry: Entry) -> np.ndarray:
+    assert isinstance(entry.vectors, np.ndarray)
+    return entry.vectors
+
+
+def deadline_in(seconds: float) -> float:
+    return time.monotonic() + seconds

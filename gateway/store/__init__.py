@@ -1,0 +1,33 @@
+"""Storage backends behind one small interface: in-process memory (the embedded default) and Redis.
+
+`open_cache_store` picks the backend from the URL: `memory://` or `redis://`, `rediss://`, `unix://`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class CacheStore(Protocol):
+    """Binary values by binary key, with a TTL. `get_many` is one round trip for all keys."""
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]: ...
+
+    async def set_many(self, items: Sequence[tuple[bytes, bytes]], ttl_s: int) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def open_cache_store(url: str, *, max_bytes: int, socket_timeout_s: float = 0.5) -> CacheStore:
+    if url.startswith("memory://"):
+        from .memory import MemoryCacheStore
+
+        return MemoryCacheStore(max_bytes=max_bytes)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis import RedisCacheStore
+
+        return RedisCacheStore.from_url(url, socket_timeout_s=socket_timeout_s)
+    raise ValueError(f"cache.url: unsupported scheme in {url!r} (memory://, redis://, rediss://, unix://)")

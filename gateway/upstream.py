@@ -1,0 +1,191 @@
+"""The upstream client: one `ClientSession`, retries with full-jitter backoff that honour `Retry-After`
+inside the caller's deadline, and decoding of the answer into float32 arrays.
+
+The gateway always asks for base64 (little-endian float32): lossless, and ~4x smaller than float JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+
+from . import config as cfg
+from .errors import UpstreamFailed, UpstreamRateLimited, UpstreamRejected, UpstreamTimeout
+from .metrics import Metrics
+from .protocol import Item
+
+log = logging.getLogger("gateway.upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResult:
+    vectors: list[np.ndarray]
+    tokens: int
+
+
+class BadAnswer(Exception):
+    """The upstream answered 200 with something that is not a complete embeddings response."""
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.status = status
+
+
+class UpstreamClient:
+    def __init__(
+        self, session: aiohttp.ClientSession, config: cfg.Upstream, base_url: str, metrics: Metrics
+    ) -> None:
+        self.session = session
+        self.config = config
+        self.url = base_url.rstrip("/") + "/embeddings"
+        self.metrics = metrics
+        self._headers = {"Content-Type": "application/json"}
+        if config.api_key:
+            self._headers["Authorization"] = f"Bearer {config.api_key}"
+        self._format_field = "embedding_type" if config.api == "jina" else "encoding_format"
+        self._slots = asyncio.Semaphore(config.limits.max_concurrency)
+
+    async def embed(self, params: dict[str, Any], items: list[Item], deadline: float) -> UpstreamResult:
+        """One logical call (retried as needed) for `items` with the request's canonical params."""
+        body = orjson.dumps({**params, "input": items, self._format_field: "base64"})
+        model = str(params.get("model", ""))
+        self.metrics.upstream_batch_inputs.labels(model).observe(len(items))
+        attempt = 0
+        while True:
+            try:
+                result = await self._attempt(body, model, len(items), deadline)
+                self.metrics.upstream_tokens.labels(model).inc(result.tokens)
+                return result
+            except _Retryable as exc:
+                attempt += 1
+                delay = self._backoff(attempt, exc.retry_after)
+                if attempt > self.config.max_retries or time.monotonic() + delay >= deadline:
+                    raise self._give_up(exc) from None
+                self.metrics.upstream_retries.labels(exc.reason).inc()
+                log.info("upstream %s, retry %d in %.2fs", exc.reason, attempt, delay)
+                await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
+        jitter = random.uniform(0, cap)
+        # The upstream said when: wait that long (a little jitter spreads the replicas' retries).
+        return retry_after + jitter * 0.1 if retry_after is not None else jitter
+
+    def _give_up(self, exc: _Retryable) -> Exception:
+        if exc.status == 429:
+            return UpstreamRateLimited("the upstream is rate limiting the gateway", int(exc.retry_after or 1))
+        if exc.reason == "timeout":
+            return UpstreamTimeout("the upstream did not answer in time")
+        return UpstreamFailed(f"the upstream failed: {exc.reason}")
+
+    async def _attempt(self, body: bytes, model: str, n: int, deadline: float) -> UpstreamResult:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Retryable("timeout")
+        timeout = aiohttp.ClientTimeout(total=min(self.config.timeout_s, remaining))
+        started = time.perf_counter()
+        status = "error"
+        try:
+            async with self._slots, self.session.post(
+                self.url, data=body, headers=self._headers, timeout=timeout
+            ) as resp:
+                status = str(resp.status)
+                raw = await resp.read()
+                return self._answer(resp.status, resp.headers, raw, n)
+        except TimeoutError:
+            status = "timeout"
+            raise _Retryable("timeout") from None
+        except aiohttp.ClientError as exc:
+            raise _Retryable(f"connection error ({type(exc).__name__})") from None
+        finally:
+            self.metrics.upstream_calls.labels(model, status).inc()
+            self.metrics.upstream_seconds.labels(model).observe(time.perf_counter() - started)
+
+    def _answer(self, status: int, headers: Any, raw: bytes, n: int) -> UpstreamResult:
+        if status == 200:
+            try:
+                return decode_answer(raw, n)
+            except BadAnswer as exc:
+                raise _Retryable(f"bad answer ({exc})") from None
+        if status == 429:
+            raise _Retryable("429", parse_retry_after(headers.get("Retry-After")), status=429)
+        if status >= 500 or status == 408:
+            raise _Retryable(str(status), parse_retry_after(headers.get("Retry-After")), status=status)
+        raise UpstreamRejected(status, _error_body(raw, status))
+
+
+def _error_body(raw: bytes, status: int) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    text = raw[:500].decode("utf-8", "replace")
+    return {"detail": text or f"upstream answered {status}", "code": "UPSTREAM_REJECTED"}
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def decode_answer(raw: bytes, n: int) -> UpstreamResult:
+    try:
+        body = orjson.loads(raw)
+        data = body["data"]
+        tokens = body["usage"]["total_tokens"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BadAnswer(f"not an embeddings response: {type(exc).__name__}") from None
+    if not isinstance(data, list) or len(data) != n:
+        raise BadAnswer(f"{len(data) if isinstance(data, list) else 'no'} embeddings for {n} inputs")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise BadAnswer("usage.total_tokens is not a count")
+    vectors: list[np.ndarray | None] = [None] * n
+    for pos, obj in enumerate(data):
+        index = obj.get("index", pos) if isinstance(obj, dict) else None
+        if not isinstance(index, int) or not 0 <= index < n or vectors[index] is not None:
+            raise BadAnswer("data indices are not a permutation of the inputs")
+        vectors[index] = _decode_embedding(obj.get("embedding"))
+    return UpstreamResult(vectors=vectors, tokens=tokens)  # type: ignore[arg-type]
+
+
+def _decode_embedding(value: Any) -> np.ndarray:
+    try:
+        if isinstance(value, str):
+            vec = np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4")
+        elif isinstance(value, list) and value and isinstance(value[0], str):
+            vec = np.stack([np.frombuffer(base64.b64decode(v, validate=True), dtype="<f4") for v in value])
+        else:
+            # An OpenAI-compatible upstream that ignored the format and sent numbers.
+            vec = np.asarray(value, dtype=np.float32)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise BadAnswer(f"undecodable embedding ({exc})") from None
+    if vec.size == 0 or vec.ndim not in (1, 2) or not np.isfinite(vec).all():
+        raise BadAnswer("empty or non-finite embedding")
+    return vec
