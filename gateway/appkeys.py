@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import config as cfg
-from .auth import KeyRing
+from .auth import KeyRing, Principal
 from .cache import EmbeddingCache
 from .coalescer import Coalescer
 from .metrics import Metrics
@@ -24,5 +24,5 @@ SERVICE = web.AppKey("service", EmbeddingService)
 SIMULATOR = web.AppKey("simulator", Simulator)
 
 # Per-request values (set by middlewares, read by handlers and the access log).
-PRINCIPAL = "eg.principal"
-LOG_FIELDS = "eg.log"
+PRINCIPAL = web.RequestKey("principal", Principal)
+LOG_FIELDS = web.RequestKey("log_fields", dict[str, object])

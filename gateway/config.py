@@ -7,6 +7,7 @@ adding a field with a default. `${VAR}` and `${VAR:-default}` are interpolated f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import types
@@ -150,6 +151,7 @@ class Config:
     log_level: str = "INFO"
 
 
+_COMMENT = re.compile(r"(?:^|\s)#")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -160,12 +162,13 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
     """
     out = []
     for number, line in enumerate(text.split("\n"), 1):
-        code, hash_, comment = line.partition(" #")
-        out.append(_VAR.sub(lambda m, n=number: _lookup(m, env, n), code) + hash_ + comment)
+        cut = _COMMENT.search(line)
+        code, comment = (line[: cut.start()], line[cut.start() :]) if cut else (line, "")
+        out.append(_VAR.sub(functools.partial(_lookup, env=env, line=number), code) + comment)
     return "\n".join(out)
 
 
-def _lookup(m: re.Match[str], env: Mapping[str, str], line: int) -> str:
+def _lookup(m: re.Match[str], *, env: Mapping[str, str], line: int) -> str:
     name, default = m.group(1), m.group(2)
     if name in env:
         return env[name]
@@ -187,7 +190,7 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"invalid YAML: {exc}") from exc
     if data is None:
         data = {}
-    config = build(Config, data, "")
+    config: Config = build(Config, data, "")
     _check(config)
     return config
 

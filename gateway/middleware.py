@@ -9,12 +9,12 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import appkeys as K
 from .errors import GatewayError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")

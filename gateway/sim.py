@@ -494,7 +494,7 @@ async def _read_json(request: web.Request) -> Any:
 async def start_sim(sim: Simulator, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, str]:
     """Starts the sim on host:port (0 = free port) in the running loop; returns the runner and base URL
     'http://h:p/v1'. The caller owns the runner and must `await runner.cleanup()`."""
-    runner = web.AppRunner(sim.app())
+    runner = web.AppRunner(sim.app(), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -124,6 +124,10 @@ class UpstreamClient:
                 raise _Retryable(f"bad answer ({exc})") from None
         if status == 429:
             raise _Retryable("429", parse_retry_after(headers.get("Retry-After")), status=429)
+        if status in (401, 403):
+            # The gateway's own upstream key was refused: the client's request is fine, the gateway is not.
+            log.error("the upstream refused the gateway's API key (HTTP %d)", status)
+            raise UpstreamFailed("the upstream refused the gateway's credentials", code="UPSTREAM_AUTH")
         if status >= 500 or status == 408:
             raise _Retryable(str(status), parse_retry_after(headers.get("Retry-After")), status=status)
         raise UpstreamRejected(status, _error_body(raw, status))

@@ -1,0 +1,102 @@
+"""Shared fixtures: a real redis-server started by the suite, gateway apps on the in-process simulator."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from gateway import appkeys as K
+from gateway import config as cfg
+from gateway.auth import hash_key
+from gateway.sim import SimConfig, Simulator
+
+from .redis_server import RedisServer
+
+TEAM_A_KEY = "eg-test-team-a"
+TEAM_B_KEY = "eg-test-team-b"
+ADMIN_KEY = "eg-test-admin"
+UPSTREAM_KEY = "sk-upstream-secret-0123456789"
+
+
+def base_config(**overrides: Any) -> dict[str, Any]:
+    """A plain config dict: sim upstream without latency, memory stores, two teams and an admin."""
+    data: dict[str, Any] = {
+        "upstream": {"url": "sim://", "api_key": UPSTREAM_KEY, "backoff_base_s": 0.01, "max_retries": 3},
+        "cache": {"url": "memory://"},
+        "state": {"url": "memory://"},
+        "teams": [
+            {"name": "team-a", "keys": [hash_key(TEAM_A_KEY)]},
+            {"name": "team-b", "keys": [hash_key(TEAM_B_KEY)]},
+        ],
+        "admin_keys": [hash_key(ADMIN_KEY)],
+        "metrics": {"token": "metrics-token"},
+        "limits": {"request_timeout_s": 10},
+    }
+    return merge(data, overrides)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def auth(key: str = TEAM_A_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
+    """The suite's own Redis, flushed before each test."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    yield redis_server.url
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis for one test alone: it may kill and restart it."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+Gateway = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def gateway(aiohttp_client: Any) -> Gateway:
+    """`await gateway(config_overrides..., sim=SimConfig(...))` → a test client of a started gateway app.
+
+    The app's simulator is `client.app[K.SIMULATOR]`.
+    """
+    from gateway.app import create_app
+
+    async def make(sim: SimConfig | None = None, **overrides: Any) -> TestClient:
+        config = cfg.build(cfg.Config, base_config(**overrides), "")
+        simulator = Simulator(sim or SimConfig())
+        client: TestClient = await aiohttp_client(create_app(config, simulator=simulator))
+        return client
+
+    return make
+
+
+def sim_of(client: TestClient) -> Simulator:
+    return client.app[K.SIMULATOR]

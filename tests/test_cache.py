@@ -1,0 +1,183 @@
+"""The entry codec, the store contract (same tests on memory and Redis), and cache outages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.cache import EmbeddingCache, decode, encode, encode_unit, item_keys, key_prefix, unit_key
+from gateway.keys import CACHE_PREFIX
+from gateway.protocol import parse_embedding_request
+from gateway.store import CacheStore, open_cache_store
+
+from .conftest import Gateway, auth, sim_of
+from .redis_server import RedisServer
+
+
+def unit_vector(dim: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.parametrize("dim", [8, 256, 1024, 2048])
+def test_codec_round_trips_exactly(dim: int) -> None:
+    vec = unit_vector(dim)
+    entry = decode(encode(vec, 17))
+    assert entry.tokens == 17
+    assert isinstance(entry.vectors, np.ndarray)
+    assert entry.vectors.dtype == np.dtype("<f4")
+    assert entry.vectors.tobytes() == vec.tobytes()
+
+
+def test_codec_keeps_incompressible_vectors_raw_and_exact() -> None:
+    vec = np.random.default_rng(1).integers(0, 2**32, 512, dtype=np.uint32).view(np.float32)
+    raw = encode(vec, 3)
+    assert len(raw) == 8 + 512 * 4
+    assert decode(raw).vectors.tobytes() == vec.tobytes()  # type: ignore[union-attr]
+
+
+def test_codec_1024_dims_is_smaller_than_raw_float32() -> None:
+    assert len(encode(unit_vector(1024), 9)) < 4096
+
+
+def test_codec_multivector_and_unit() -> None:
+    mv = np.stack([unit_vector(128, s) for s in range(5)])
+    entry = decode(encode(mv, 40))
+    assert entry.vectors.shape == (5, 128) and entry.vectors.tobytes() == mv.tobytes()  # type: ignore[union-attr]
+    parts = [unit_vector(64, 1), np.stack([unit_vector(32, 2), unit_vector(32, 3)])]
+    unit = decode(encode_unit(parts, 11))
+    assert unit.tokens == 11 and isinstance(unit.vectors, list)
+    assert [v.tobytes() for v in unit.vectors] == [p.tobytes() for p in parts]
+
+
+def test_keys_ignore_field_order_and_render_fields_but_not_params() -> None:
+    def keys(body: dict[str, Any], team: str | None = None) -> list[bytes]:
+        req = parse_embedding_request(body, max_inputs=10)
+        return item_keys(key_prefix(req, team), req.items)
+
+    a = keys({"model": "m", "input": "x", "task": "t", "embedding_type": "binary", "user": "u"})
+    b = keys({"task": "t", "input": ["x"], "model": "m", "encoding_format": "base64"})
+    assert a == b
+    assert keys({"model": "m", "input": "x", "task": "u"}) != a
+    assert keys({"model": "m", "input": "x", "task": "t"}, team="a") != a
+    assert keys({"model": "m", "input": ["x", {"text": "x"}]})[0] != keys({"model": "m", "input": [{"text": "x"}]})[0]
+    req = parse_embedding_request({"model": "m", "input": ["ab", "c"]}, max_inputs=10)
+    req2 = parse_embedding_request({"model": "m", "input": ["a", "bc"]}, max_inputs=10)
+    assert unit_key(key_prefix(req, None), req.items) != unit_key(key_prefix(req2, None), req2.items)
+
+
+# ---- the store contract, run on every backend ------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[CacheStore]:
+    url = "memory://" if request.param == "memory" else redis_url
+    s = open_cache_store(url, max_bytes=1 << 20)
+    yield s
+    await s.close()
+
+
+async def test_store_get_many_preserves_order_and_misses(store: CacheStore) -> None:
+    await store.set_many([(b"k1", b"v1"), (b"k3", b"\x00\xffbinary")], ttl_s=60)
+    assert await store.get_many([b"k3", b"k2", b"k1"]) == [b"\x00\xffbinary", None, b"v1"]
+
+
+async def test_store_overwrite_and_empty(store: CacheStore) -> None:
+    await store.set_many([(b"k", b"old")], ttl_s=60)
+    await store.set_many([(b"k", b"new")], ttl_s=60)
+    assert await store.get_many([b"k"]) == [b"new"]
+    assert await store.ping()
+
+
+async def test_memory_store_is_bounded_by_bytes_lru() -> None:
+    s = open_cache_store("memory://", max_bytes=100)
+    await s.set_many([(b"a", b"x" * 40), (b"b", b"x" * 40)], ttl_s=60)
+    await s.get_many([b"a"])  # a is now most recent
+    await s.set_many([(b"c", b"x" * 40)], ttl_s=60)
+    assert await s.get_many([b"a", b"b", b"c"]) == [b"x" * 40, None, b"x" * 40]
+
+
+async def test_memory_store_expires_entries() -> None:
+    from gateway.store.memory import MemoryCacheStore
+
+    now = [100.0]
+    s = MemoryCacheStore(max_bytes=1000, clock=lambda: now[0])
+    await s.set_many([(b"a", b"1")], ttl_s=10)
+    now[0] = 109.0
+    assert await s.get_many([b"a"]) == [b"1"]
+    now[0] = 110.0
+    assert await s.get_many([b"a"]) == [None]
+    assert len(s) == 0 and s.bytes == 0
+
+
+async def test_redis_entries_have_ttl_and_binary_keys(redis_url: str) -> None:
+    s = open_cache_store(redis_url, max_bytes=0)
+    await s.set_many([(b"\x01" * 16, b"v")], ttl_s=1234)
+    client = aioredis.Redis.from_url(redis_url)
+    ttl = await client.ttl(CACHE_PREFIX + b"\x01" * 16)
+    await client.aclose()
+    await s.close()
+    assert 1200 < ttl <= 1234
+
+
+async def test_one_cached_1024_dim_vector_fits_in_4200_bytes_of_redis(gateway: Gateway, redis_url: str) -> None:
+    client = await gateway(cache={"url": redis_url})
+    resp = await client.post("/v1/embeddings", json={"model": "jina-embeddings-v3", "input": ["size me"]},
+                             headers=auth())
+    assert resp.status == 200
+    r = aioredis.Redis.from_url(redis_url)
+    keys = await r.keys(CACHE_PREFIX + b"*")
+    assert len(keys) == 1
+    usage = await r.memory_usage(keys[0])
+    await r.aclose()
+    assert usage is not None and usage <= 4200, usage
+
+
+async def test_cache_redis_killed_and_restarted(gateway: Gateway, own_redis: RedisServer) -> None:
+    client = await gateway(cache={"url": own_redis.url, "error_backoff_s": 0.0, "socket_timeout_s": 0.2})
+    sim = sim_of(client)
+
+    async def embed(text: str) -> Any:
+        resp = await client.post("/v1/embeddings", json={"model": "jina-embeddings-v3", "input": [text]},
+                                 headers=auth())
+        assert resp.status == 200
+        return resp.headers
+
+    await embed("before")
+    assert (await embed("before"))["X-Cache-Hits"] == "1"
+    own_redis.stop()
+    for i in range(3):
+        assert (await embed(f"during {i}"))["X-Cache-Misses"] == "1"
+    calls = sim.calls
+    assert (await embed("during 0"))["X-Cache-Misses"] == "1"  # nothing could be cached
+    assert sim.calls == calls + 1
+    own_redis.start()
+    await embed("after")
+    assert (await embed("after"))["X-Cache-Hits"] == "1"
+    metrics = await (await client.get("/metrics", headers=auth("metrics-token"))).text()
+    assert 'eg_store_errors_total{op="get",store="cache"}' in metrics
+
+
+async def test_cache_errors_are_counted_and_bypassed_without_raising() -> None:
+    class Broken:
+        async def get_many(self, keys: Any) -> Any:
+            raise ConnectionError("down")
+
+        async def set_many(self, items: Any, ttl_s: int) -> None:
+            raise ConnectionError("down")
+
+    seen: list[str] = []
+    cache = EmbeddingCache(Broken(), ttl_s=1, error_backoff_s=0.0, on_error=seen.append)  # type: ignore[arg-type]
+    assert await cache.get_many([b"a", b"b"]) == [None, None]
+    await cache.set_many([(b"a", encode(unit_vector(8), 1))])
+    assert seen == ["get", "set"]
+
+
+def test_undecodable_entry_is_a_miss() -> None:
+    cache = EmbeddingCache(open_cache_store("memory://", max_bytes=10), ttl_s=1)
+    assert cache._decode(b"\x09garbage") is None
+    assert cache._decode(encode(unit_vector(8), 2)[:-3]) is None
