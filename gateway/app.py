@@ -19,6 +19,7 @@ from .middleware import access_middleware, auth_middleware, error_middleware
 from .service import EmbeddingService
 from .sim import SimConfig, Simulator, start_sim
 from .store import open_cache_store
+from .store.redis import connect
 from .upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -65,6 +66,8 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         on_error=lambda op: metrics.store_errors.labels("cache", op).inc(),
     )
     app[K.CACHE] = cache
+    state_redis = _state_client(config.state)
+    app[K.STATE_REDIS] = state_redis
     connector = aiohttp.TCPConnector(limit=max(100, config.upstream.limits.max_concurrency * 2))
     async with aiohttp.ClientSession(connector=connector) as session:
         upstream = UpstreamClient(session, config.upstream, base_url, metrics)
@@ -79,8 +82,17 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         finally:
             await coalescer.close()
             await store.close()
+            if state_redis is not None:
+                await state_redis.aclose()
             if sim_runner is not None:
                 await sim_runner.cleanup()
+
+
+def _state_client(state: cfg.State) -> object | None:
+    """One Redis pool for all state (quotas, usage, jobs); parts keep in-process state when it is memory://."""
+    if state.url.startswith("memory://"):
+        return None
+    return connect(state.url, socket_timeout_s=state.socket_timeout_s)
 
 
 def _sim_config(s: cfg.SimSettings) -> SimConfig:

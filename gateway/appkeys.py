@@ -20,6 +20,8 @@ CACHE_STORE = web.AppKey("cache_store", CacheStore)
 CACHE = web.AppKey("cache", EmbeddingCache)
 COALESCER = web.AppKey("coalescer", Coalescer)
 SERVICE = web.AppKey("service", EmbeddingService)
+# The state store's Redis client (quotas, usage, jobs), or None when `state.url` is memory://.
+STATE_REDIS = web.AppKey("state_redis", object)
 # The in-process simulated upstream when `upstream.url` is `sim://` (tests read its counters).
 SIMULATOR = web.AppKey("simulator", Simulator)
 
