@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -88,7 +89,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
                 await sim_runner.cleanup()
 
 
-def _state_client(state: cfg.State) -> object | None:
+def _state_client(state: cfg.State) -> Any:
     """One Redis pool for all state (quotas, usage, jobs); parts keep in-process state when it is memory://."""
     if state.url.startswith("memory://"):
         return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from . import config as cfg
@@ -21,7 +23,7 @@ CACHE = web.AppKey("cache", EmbeddingCache)
 COALESCER = web.AppKey("coalescer", Coalescer)
 SERVICE = web.AppKey("service", EmbeddingService)
 # The state store's Redis client (quotas, usage, jobs), or None when `state.url` is memory://.
-STATE_REDIS = web.AppKey("state_redis", object)
+STATE_REDIS: web.AppKey[Any] = web.AppKey("state_redis")
 # The in-process simulated upstream when `upstream.url` is `sim://` (tests read its counters).
 SIMULATOR = web.AppKey("simulator", Simulator)
 
