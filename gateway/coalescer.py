@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,6 +32,8 @@ from .tokens import split
 from .upstream import UpstreamClient
 
 log = logging.getLogger("gateway.coalescer")
+
+Priority = Literal["interactive", "batch"]
 
 
 @dataclass(slots=True)
@@ -102,9 +104,20 @@ class Coalescer:
     # ---- callers ---------------------------------------------------------------------------------------
 
     async def submit(
-        self, group_key: bytes, params: dict[str, Any], misses: Sequence[Miss], *, owner: int, deadline: float
+        self,
+        group_key: bytes,
+        params: dict[str, Any],
+        misses: Sequence[Miss],
+        *,
+        owner: int,
+        deadline: float,
+        team: str = "",
+        priority: Priority = "interactive",
     ) -> Joined:
-        """Resolves every miss (distinct keys) through one shared flight each; waits until `deadline`."""
+        """Resolves every miss (distinct keys) through one shared flight each; waits until `deadline`.
+
+        `team` and `priority` order queued work (fair share across teams; batch jobs after interactive).
+        """
         futures, joined = self._register(group_key, params, misses, owner)
         entries = await self._wait(futures, deadline)
         return Joined(entries=entries, joined=joined)

@@ -14,7 +14,7 @@ import xxhash
 
 from . import config as cfg
 from .cache import EmbeddingCache, Entry, item_keys, key_prefix, unit_key
-from .coalescer import Coalescer, Miss
+from .coalescer import Coalescer, Miss, Priority
 from .protocol import EmbeddingRequest
 from .tokens import estimate
 
@@ -55,7 +55,10 @@ class EmbeddingService:
         self.scope = scope
         self.admission = admission
 
-    async def embed(self, team: cfg.Team, request: EmbeddingRequest, *, deadline: float) -> Outcome:
+    async def embed(
+        self, team: cfg.Team, request: EmbeddingRequest, *, deadline: float, priority: Priority = "interactive"
+    ) -> Outcome:
+        """Serves one request. `priority="batch"` (batch jobs) queues behind interactive work."""
         prefix = key_prefix(request, team.name if self.scope == "team" else None)
         if request.unit:
             return await self._embed_unit(team, request, prefix, deadline)
@@ -74,7 +77,7 @@ class EmbeddingService:
                 found[key] = entry
         outcome = Outcome(vectors=[], tokens=0, hits=len(found), duplicates=len(keys) - len(unique))
         if misses:
-            await self._fetch(team, request, prefix, misses, found, outcome, deadline)
+            await self._fetch(team, request, prefix, misses, found, outcome, deadline, priority)
         outcome.vectors = [_vector(found[k]) for k in keys]
         outcome.tokens = sum(found[k].tokens for k in keys)
         outcome.cached_tokens = sum(found[k].tokens for k in unique) - outcome.upstream_tokens
@@ -89,6 +92,7 @@ class EmbeddingService:
         found: dict[bytes, Entry],
         outcome: Outcome,
         deadline: float,
+        priority: Priority,
     ) -> None:
         reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
         actual = 0
@@ -96,7 +100,7 @@ class EmbeddingService:
             group = xxhash.xxh3_128_digest(prefix)
             owner = self.coalescer.new_owner()
             result = await self.coalescer.submit(
-                group, request.params, misses, owner=owner, deadline=deadline
+                group, request.params, misses, owner=owner, deadline=deadline, team=team.name, priority=priority
             )
             for miss, entry, joined in zip(misses, result.entries, result.joined, strict=True):
                 found[miss.key] = entry
