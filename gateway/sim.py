@@ -395,6 +395,14 @@ class Simulator:
                 raise ValueError(f"unknown fault kind {fault.kind!r}; expected one of {sorted(FAULT_KINDS)}")
         self._faults.extend(faults)
 
+    def clear_faults(self) -> None:
+        """Drops the faults not yet served: the outage ends now."""
+        self._faults.clear()
+
+    @property
+    def pending_faults(self) -> int:
+        return len(self._faults)
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=_MAX_BODY_BYTES)
         app.router.add_post("/v1/embeddings", self._handle)
