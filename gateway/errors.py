@@ -65,6 +65,13 @@ class NotFound(GatewayError):
     code = "NOT_FOUND"
 
 
+class RequestTimeout(GatewayError):
+    """The client did not finish sending its request in time."""
+
+    status = 408
+    code = "REQUEST_TIMEOUT"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "PAYLOAD_TOO_LARGE"

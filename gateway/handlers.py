@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 
@@ -11,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import appkeys as K
 from .auth import Principal
-from .errors import Forbidden, PayloadTooLarge
+from .errors import Forbidden, PayloadTooLarge, RequestTimeout
 from .protocol import parse_embedding_request, parse_json_object, render_embeddings
 from .service import Outcome
 
@@ -22,14 +23,22 @@ def principal_of(request: web.Request) -> Principal:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The body, refused before it is buffered whole when it is over the limit."""
-    limit = request.app[K.CONFIG].limits.max_body_bytes
+    """The body, refused before it is buffered whole when it is over the limit.
+
+    Reading is bounded by the request deadline: aiohttp has no body read timeout of its own, so a client
+    trickling its body in would otherwise hold a handler (and its buffer) for as long as it likes.
+    """
+    limits = request.app[K.CONFIG].limits
+    limit = limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
     try:
-        return await request.read()
+        async with asyncio.timeout(limits.request_timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit") from None
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {limits.request_timeout_s:g}s") from None
 
 
 async def embeddings(request: web.Request) -> web.Response:
