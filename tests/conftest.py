@@ -100,3 +100,13 @@ def gateway(aiohttp_client: Any) -> Gateway:
 
 def sim_of(client: TestClient) -> Simulator:
     return client.app[K.SIMULATOR]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The reliability suite's per-fault tally: requests sent / succeeded / failed, with which status."""
+    from .reliability import REPORT
+
+    if REPORT:
+        terminalreporter.section("faults: requests sent / succeeded / failed (status code)")
+        for tally in REPORT:
+            terminalreporter.write_line(tally.line())
