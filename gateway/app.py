@@ -57,7 +57,8 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         app[K.SIMULATOR] = sim
         sim_runner, base_url = await start_sim(sim)
     store = open_cache_store(
-        config.cache.url, max_bytes=config.cache.max_bytes, socket_timeout_s=config.cache.socket_timeout_s
+        config.cache.url, max_bytes=config.cache.max_bytes, socket_timeout_s=config.cache.socket_timeout_s,
+        options=config.cache.redis,
     )
     app[K.CACHE_STORE] = store
     cache = EmbeddingCache(
@@ -93,7 +94,7 @@ def _state_client(state: cfg.State) -> Any:
     """One Redis pool for all state (quotas, usage, jobs); parts keep in-process state when it is memory://."""
     if state.url.startswith("memory://"):
         return None
-    return connect(state.url, socket_timeout_s=state.socket_timeout_s)
+    return connect(state.url, socket_timeout_s=state.socket_timeout_s, options=state.redis)
 
 
 def _sim_config(s: cfg.SimSettings) -> SimConfig:

@@ -72,6 +72,25 @@ class Upstream:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RedisOptions:
+    """Pool, timeouts, retries and TLS of one Redis store (the URL says which kind: see gateway/store/redis.py)."""
+
+    # Per process (per node in a cluster); a request needs one connection for its one round trip.
+    max_connections: int = 64
+    # Connecting may be slower than a command (TLS handshake); None = the store's socket_timeout_s.
+    connect_timeout_s: float | None = None
+    # Retries of a command after a connection error or timeout, with jittered exponential backoff.
+    retries: int = 1
+    retry_backoff_s: float = 0.05
+    health_check_interval_s: int = 30
+    # rediss:// only: CA bundle to trust, client certificate for mutual TLS, and whether to verify the server.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class Cache:
     url: str = "memory://"
     ttl_s: int = 30 * 24 * 3600
@@ -81,12 +100,14 @@ class Cache:
     # Seconds the cache is bypassed after a store error, so an outage costs one timeout, not one per request.
     error_backoff_s: float = 1.0
     socket_timeout_s: float = 0.5
+    redis: RedisOptions = field(default_factory=RedisOptions)
 
 
 @dataclass(frozen=True, kw_only=True)
 class State:
     url: str = "memory://"
     socket_timeout_s: float = 1.0
+    redis: RedisOptions = field(default_factory=RedisOptions)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,8 +209,11 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}") from exc
-    if data is None:
-        data = {}
+    return from_data({} if data is None else data)
+
+
+def from_data(data: Any) -> Config:
+    """Builds and checks a Config from plain data (parsed YAML, or a dict in tests)."""
     config: Config = build(Config, data, "")
     _check(config)
     return config
@@ -212,6 +236,19 @@ def _check(config: Config) -> None:
         _check_key_hash(key, f"admin_keys.{j}")
     if not config.upstream.url.startswith(("sim://", "http://", "https://")):
         raise ConfigError("upstream.url: must be http://, https:// or sim://")
+    for where, url in (("cache.url", config.cache.url), ("state.url", config.state.url)):
+        _check_store_url(url, where)
+
+
+def _check_store_url(url: str, where: str) -> None:
+    if url.startswith("memory://"):
+        return
+    from .store.redis import parse_url  # the store owns its URL grammar
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _check_key_hash(key: str, where: str) -> None:

@@ -15,7 +15,7 @@ from gateway import config as cfg
 from gateway.auth import hash_key
 from gateway.sim import SimConfig, Simulator
 
-from .redis_server import RedisServer
+from .redis_server import RedisClusterServers, RedisServer
 
 TEAM_A_KEY = "eg-test-team-a"
 TEAM_B_KEY = "eg-test-team-b"
@@ -68,6 +68,21 @@ async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
     await client.flushall()
     await client.aclose()
     yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A 3-node Redis Cluster for the whole session (started on first use)."""
+    cluster = RedisClusterServers().start()
+    yield cluster
+    cluster.cleanup()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """The suite's Redis Cluster as a `redis+cluster://` URL, every node flushed before each test."""
+    redis_cluster.flushall()
+    return redis_cluster.url
 
 
 @pytest.fixture

@@ -16,6 +16,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) exists and is free too."""
+    for _ in range(1000):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def redis_binary() -> str:
     found = shutil.which("redis-server")
     if found:
@@ -68,3 +83,49 @@ class RedisServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(Path(self.dir), ignore_errors=True)
+
+
+class RedisClusterServers:
+    """A real 3-master Redis Cluster (no replicas) on free ports, built with `redis-cli --cluster create`."""
+
+    def __init__(self, masters: int = 3) -> None:
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")
+        self.nodes = [RedisServer(free_cluster_port(), *args) for _ in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not on PATH (Debian's redis-tools)")
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for node in self.nodes:
+            self._wait_ok(cli, node.port)
+        return self
+
+    @staticmethod
+    def _wait_ok(cli: str, port: int) -> None:
+        # Every node must have learnt the whole slot map before a client may rely on any of them.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out = subprocess.run([cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True).stdout
+            if "cluster_state:ok" in out and "cluster_slots_assigned:16384" in out:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"cluster node on port {port} did not reach cluster_state:ok")
+
+    def flushall(self) -> None:
+        for node in self.nodes:
+            with socket.create_connection(("127.0.0.1", node.port), timeout=2) as s:
+                s.sendall(b"FLUSHALL\r\n")
+                s.recv(16)
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()

@@ -73,10 +73,18 @@ def test_keys_ignore_field_order_and_render_fields_but_not_params() -> None:
 # ---- the store contract, run on every backend ------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[CacheStore]:
-    url = "memory://" if request.param == "memory" else redis_url
-    s = open_cache_store(url, max_bytes=1 << 20)
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Each backend's URL; a cluster is started only when a cluster-param test runs."""
+    if request.param == "memory":
+        return "memory://"
+    url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
+    return url
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[CacheStore]:
+    s = open_cache_store(store_url, max_bytes=1 << 20)
     yield s
     await s.close()
 
@@ -91,6 +99,14 @@ async def test_store_overwrite_and_empty(store: CacheStore) -> None:
     await store.set_many([(b"k", b"new")], ttl_s=60)
     assert await store.get_many([b"k"]) == [b"new"]
     assert await store.ping()
+
+
+async def test_store_get_many_spans_every_slot_and_node(store: CacheStore) -> None:
+    # 300 random 16-byte keys land on ~300 slots, i.e. on every node of a cluster.
+    keys = [bytes([i % 256, i // 256]) * 8 for i in range(300)]
+    await store.set_many([(k, k[::-1]) for k in keys[::2]], ttl_s=60)
+    got = await store.get_many(keys)
+    assert got == [k[::-1] if i % 2 == 0 else None for i, k in enumerate(keys)]
 
 
 async def test_memory_store_is_bounded_by_bytes_lru() -> None:
@@ -160,6 +176,17 @@ async def test_cache_redis_killed_and_restarted(gateway: Gateway, own_redis: Red
     assert (await embed("after"))["X-Cache-Hits"] == "1"
     metrics = await (await client.get("/metrics", headers=auth("metrics-token"))).text()
     assert 'eg_store_errors_total{op="get",store="cache"}' in metrics
+
+
+async def test_gateway_on_a_redis_cluster_caches_and_hits(gateway: Gateway, cluster_url: str) -> None:
+    client = await gateway(cache={"url": cluster_url}, state={"url": cluster_url})
+    body = {"model": "jina-embeddings-v3", "input": [f"text {i}" for i in range(40)]}
+    first = await client.post("/v1/embeddings", json=body, headers=auth())
+    assert first.status == 200 and first.headers["X-Cache-Misses"] == "40"
+    second = await client.post("/v1/embeddings", json=body, headers=auth())
+    assert second.headers["X-Cache-Hits"] == "40"
+    assert (await first.json())["data"] == (await second.json())["data"]
+    assert (await client.get("/readyz")).status == 200
 
 
 async def test_cache_errors_are_counted_and_bypassed_without_raising() -> None:

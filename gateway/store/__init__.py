@@ -1,12 +1,16 @@
 """Storage backends behind one small interface: in-process memory (the embedded default) and Redis.
 
-`open_cache_store` picks the backend from the URL: `memory://` or `redis://`, `rediss://`, `unix://`.
+`open_cache_store` picks the backend from the URL: `memory://`, or any Redis URL of `store/redis.py` (plain, TLS,
+sentinel, cluster).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..config import RedisOptions
 
 
 class CacheStore(Protocol):
@@ -21,13 +25,13 @@ class CacheStore(Protocol):
     async def close(self) -> None: ...
 
 
-def open_cache_store(url: str, *, max_bytes: int, socket_timeout_s: float = 0.5) -> CacheStore:
+def open_cache_store(
+    url: str, *, max_bytes: int, socket_timeout_s: float = 0.5, options: RedisOptions | None = None
+) -> CacheStore:
     if url.startswith("memory://"):
         from .memory import MemoryCacheStore
 
         return MemoryCacheStore(max_bytes=max_bytes)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from .redis import RedisCacheStore
+    from .redis import RedisCacheStore
 
-        return RedisCacheStore.from_url(url, socket_timeout_s=socket_timeout_s)
-    raise ValueError(f"cache.url: unsupported scheme in {url!r} (memory://, redis://, rediss://, unix://)")
+    return RedisCacheStore.from_url(url, socket_timeout_s=socket_timeout_s, options=options)

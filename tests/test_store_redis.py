@@ -1,0 +1,133 @@
+"""Redis URLs of every kind against real servers: TLS (rediss://), Sentinel, Cluster; pool and retry options."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import config as cfg
+from gateway.store import open_cache_store
+from gateway.store.redis import connect, parse_url
+
+from .conftest import Gateway, auth, base_config
+from .redis_server import RedisServer, free_port, redis_binary
+
+
+def test_parse_sentinel_and_cluster_urls() -> None:
+    t = parse_url("redis+sentinel://:pw@s1:26379,s2:26380/mymaster/2?sentinel_password=sp")
+    assert (t.kind, t.hosts, t.service, t.db, t.password, t.sentinel_password) == (
+        "sentinel", (("s1", 26379), ("s2", 26380)), "mymaster", 2, "pw", "sp")
+    t = parse_url("rediss+cluster://n1:7000,n2:7001")
+    assert (t.kind, t.tls, t.hosts) == ("cluster", True, (("n1", 7000), ("n2", 7001)))
+    assert parse_url("rediss://h:6380/0").tls
+
+
+@pytest.mark.parametrize(("url", "error"), [
+    ("redis+sentinel://s1:26379", "cache.url: 'redis+sentinel://s1:26379': expected redis+sentinel://host:port"),
+    ("redis+cluster://n1:7000/3", "cache.url: 'redis+cluster://n1:7000/3': a cluster has only database 0"),
+    ("mongodb://x", "cache.url: unsupported scheme in 'mongodb://x'"),
+])
+def test_config_refuses_bad_store_urls_naming_the_key(url: str, error: str) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.from_data(base_config(cache={"url": url}))
+    assert str(info.value).startswith(error)
+
+
+async def test_pool_and_retry_options_reach_the_client() -> None:
+    options = cfg.RedisOptions(max_connections=7, retries=3, connect_timeout_s=2.5)
+    client = connect("redis://127.0.0.1:1/0", socket_timeout_s=0.1, options=options)
+    pool = client.connection_pool
+    assert pool.max_connections == 7
+    assert pool.connection_kwargs["socket_connect_timeout"] == 2.5
+    assert client.get_retry().get_retries() == 3
+    await client.aclose()
+
+
+# ---- TLS ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, int, Path]]:
+    """A redis-server with a TLS port and a certificate for 127.0.0.1 signed by a CA of the test's own."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make test certificates")
+    ca, cert, key = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    run = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subprocess.run([*run, "-keyout", tmp_path / "ca.key", "-out", ca, "-subj", "/CN=eg-test-ca"],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", tmp_path / "c.csr",
+                    "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", tmp_path / "c.csr", "-CA", ca, "-CAkey", tmp_path / "ca.key",
+                    "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", ext], check=True, capture_output=True)
+    tls_port = free_port()
+    server = RedisServer(None, "--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file",
+                         str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no").start()
+    yield server, tls_port, ca
+    server.cleanup()
+
+
+async def test_rediss_with_a_private_ca(tls_redis: tuple[RedisServer, int, Path]) -> None:
+    _, port, ca = tls_redis
+    store = open_cache_store(f"rediss://127.0.0.1:{port}/0", max_bytes=0, socket_timeout_s=2,
+                             options=cfg.RedisOptions(tls_ca_file=str(ca)))
+    await store.set_many([(b"k", b"over tls")], ttl_s=60)
+    assert await store.get_many([b"k", b"x"]) == [b"over tls", None]
+    await store.close()
+
+
+async def test_rediss_refuses_an_unknown_ca_unless_told_not_to_verify(
+    tls_redis: tuple[RedisServer, int, Path],
+) -> None:
+    _, port, _ = tls_redis
+    url = f"rediss://127.0.0.1:{port}/0"
+    strict = open_cache_store(url, max_bytes=0, socket_timeout_s=2, options=cfg.RedisOptions(retries=0))
+    with pytest.raises(Exception, match="certificate verify failed"):
+        await strict.ping()
+    await strict.close()
+    lax = open_cache_store(url, max_bytes=0, socket_timeout_s=2, options=cfg.RedisOptions(tls_verify=False))
+    assert await lax.ping()
+    await lax.close()
+
+
+# ---- Sentinel ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sentinel(own_redis: RedisServer, tmp_path: Path) -> Iterator[int]:
+    """One sentinel (quorum 1) watching `own_redis` as master `eg-master`."""
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"  # sentinel rewrites its config file, so it must be writable
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor eg-master 127.0.0.1 {own_redis.port} 1\n")
+    proc = subprocess.Popen([redis_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    probe = RedisServer(port)
+    probe._wait_ready()
+    yield port
+    proc.kill()
+    proc.wait()
+
+
+async def test_sentinel_url_finds_the_master(sentinel: int, own_redis: RedisServer) -> None:
+    store = open_cache_store(f"redis+sentinel://127.0.0.1:{sentinel}/eg-master/3", max_bytes=0,
+                             socket_timeout_s=2)
+    await store.set_many([(b"k", b"via sentinel")], ttl_s=60)
+    assert await store.get_many([b"k"]) == [b"via sentinel"]
+    await store.close()
+    direct = connect(own_redis.url.replace("/0", "/3"), socket_timeout_s=2)
+    assert await direct.exists(b"egc:1:k") == 1
+    await direct.aclose()
+
+
+async def test_gateway_state_and_cache_through_sentinel(sentinel: int, gateway: Gateway) -> None:
+    url = f"redis+sentinel://127.0.0.1:{sentinel}/eg-master/0"
+    client = await gateway(cache={"url": url}, state={"url": url})
+    body = {"model": "jina-embeddings-v3", "input": ["a", "b"]}
+    assert (await client.post("/v1/embeddings", json=body, headers=auth())).status == 200
+    again = await client.post("/v1/embeddings", json=body, headers=auth())
+    assert again.headers["X-Cache-Hits"] == "2"
