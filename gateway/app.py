@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,6 +23,7 @@ from .sim import SimConfig, Simulator, start_sim
 from .store import open_cache_store
 from .store.redis import connect
 from .upstream import UpstreamClient
+from .usage import MemoryUsageStore, RedisUsageStore, UsageRecorder, UsageStore
 
 log = logging.getLogger("gateway")
 
@@ -35,7 +37,7 @@ def create_app(config: cfg.Config, *, simulator: Simulator | None = None) -> web
     )
     app[K.CONFIG] = config
     app[K.KEYRING] = KeyRing(config)
-    app[K.METRICS] = Metrics()
+    app[K.METRICS] = _metrics(config)
     if simulator is not None:
         app[K.SIMULATOR] = simulator
     app.cleanup_ctx.append(_parts)
@@ -44,6 +46,7 @@ def create_app(config: cfg.Config, *, simulator: Simulator | None = None) -> web
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/v1/usage", handlers.usage)
     return app
 
 
@@ -70,6 +73,8 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     app[K.CACHE] = cache
     state_redis = _state_client(config.state)
     app[K.STATE_REDIS] = state_redis
+    usage = _usage_recorder(config, state_redis, metrics)
+    app[K.USAGE] = usage
     connector = aiohttp.TCPConnector(limit=max(100, config.upstream.limits.max_concurrency * 2))
     async with aiohttp.ClientSession(connector=connector) as session:
         upstream = UpstreamClient(session, config.upstream, base_url, metrics)
@@ -83,11 +88,31 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await coalescer.close()
+            await usage.close()  # after in-flight requests were tallied, before the state client closes
             await store.close()
             if state_redis is not None:
                 await state_redis.aclose()
             if sim_runner is not None:
                 await sim_runner.cleanup()
+
+
+def _metrics(config: cfg.Config) -> Metrics:
+    metrics = Metrics()
+    metrics.prime((t.name, dataclasses.asdict(t.quota)) for t in config.teams)
+    return metrics
+
+
+def _usage_recorder(config: cfg.Config, state_redis: Any, metrics: Metrics) -> UsageRecorder:
+    store: UsageStore = MemoryUsageStore()
+    if state_redis is not None:
+        store = RedisUsageStore(state_redis, retention_s=config.usage.retention_days * 86400)
+    usage = UsageRecorder(
+        store,
+        flush_interval_s=config.usage.flush_interval_s,
+        on_error=lambda op: metrics.store_errors.labels("state", op).inc(),
+    )
+    usage.start()
+    return usage
 
 
 def _state_client(state: cfg.State) -> Any:

@@ -14,6 +14,7 @@ from .metrics import Metrics
 from .service import EmbeddingService
 from .sim import Simulator
 from .store import CacheStore
+from .usage import UsageRecorder
 
 CONFIG = web.AppKey("config", cfg.Config)
 KEYRING = web.AppKey("keyring", KeyRing)
@@ -22,6 +23,7 @@ CACHE_STORE = web.AppKey("cache_store", CacheStore)
 CACHE = web.AppKey("cache", EmbeddingCache)
 COALESCER = web.AppKey("coalescer", Coalescer)
 SERVICE = web.AppKey("service", EmbeddingService)
+USAGE = web.AppKey("usage", UsageRecorder)
 # The state store's Redis client (quotas, usage, jobs), or None when `state.url` is memory://.
 STATE_REDIS: web.AppKey[Any] = web.AppKey("state_redis")
 # The in-process simulated upstream when `upstream.url` is `sim://` (tests read its counters).

@@ -155,6 +155,18 @@ class Metrics:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Usage:
+    """Durable usage counters (per team, model and UTC day) in the state store."""
+
+    # Requests are tallied in process and written to the state store in one round trip per interval.
+    flush_interval_s: float = 1.0
+    # Day hashes expire this long after their last write.
+    retention_days: int = 400
+    # Longest date range one `GET /v1/usage` may ask for.
+    max_query_days: int = 366
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
     upstream: Upstream = field(default_factory=Upstream)
@@ -164,6 +176,7 @@ class Config:
     coalesce: Coalesce = field(default_factory=Coalesce)
     quota: QuotaSettings = field(default_factory=QuotaSettings)
     metrics: Metrics = field(default_factory=Metrics)
+    usage: Usage = field(default_factory=Usage)
     teams: tuple[Team, ...] = ()
     admin_keys: tuple[str, ...] = ()
     # USD per 1M tokens, per model, for the cost metrics and the usage API.
@@ -234,6 +247,7 @@ def _check(config: Config) -> None:
             seen[key] = team.name
     for j, key in enumerate(config.admin_keys):
         _check_key_hash(key, f"admin_keys.{j}")
+    _check_usage(config.usage)
     if not config.upstream.url.startswith(("sim://", "http://", "https://")):
         raise ConfigError("upstream.url: must be http://, https:// or sim://")
     for where, url in (("cache.url", config.cache.url), ("state.url", config.state.url)):
@@ -249,6 +263,15 @@ def _check_store_url(url: str, where: str) -> None:
         parse_url(url)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_usage(usage: Usage) -> None:
+    if usage.flush_interval_s <= 0:
+        raise ConfigError("usage.flush_interval_s: must be > 0")
+    if usage.retention_days < 1:
+        raise ConfigError("usage.retention_days: must be >= 1")
+    if usage.max_query_days < 1:
+        raise ConfigError("usage.max_query_days: must be >= 1")
 
 
 def _check_key_hash(key: str, where: str) -> None:

@@ -96,6 +96,13 @@ class Overloaded(GatewayError):
         super().__init__(detail, code=code, headers={"Retry-After": str(retry_after)})
 
 
+class StateUnavailable(GatewayError):
+    """The state store (quotas, usage, jobs) cannot answer now."""
+
+    status = 503
+    code = "STATE_UNAVAILABLE"
+
+
 class UpstreamRejected(GatewayError):
     """The upstream refused the request (4xx other than 429): its status and body are passed through."""
 

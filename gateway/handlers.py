@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from datetime import UTC, datetime
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import appkeys as K
 from .auth import Principal
-from .errors import Forbidden, PayloadTooLarge, RequestTimeout
+from .errors import Forbidden, PayloadTooLarge, RequestTimeout, StateUnavailable
 from .protocol import parse_embedding_request, parse_json_object, render_embeddings
 from .service import Outcome
+from .usage import Tally, build_report, parse_query
 
 
 def principal_of(request: web.Request) -> Principal:
@@ -53,6 +55,8 @@ async def embeddings(request: web.Request) -> web.Response:
     if team.max_inputs_per_request is not None:
         max_inputs = min(max_inputs, team.max_inputs_per_request)
     req = parse_embedding_request(body, max_inputs=max_inputs)
+    # Logged even when the request fails below (429, 5xx): who asked for what is the useful part then.
+    request[K.LOG_FIELDS].update(model=req.model, inputs=len(req.items))
     if team.models is not None and req.model not in team.models:
         raise Forbidden(f"team {team.name!r} may not use model {req.model!r}", code="MODEL_NOT_ALLOWED")
     outcome = await request.app[K.SERVICE].embed(
@@ -73,19 +77,24 @@ def _headers(outcome: Outcome) -> dict[str, str]:
 
 
 def _account(request: web.Request, team: str, model: str, inputs: int, outcome: Outcome) -> None:
+    """Metrics, durable usage and the access log's counts of one answered request (no I/O here)."""
+    price = request.app[K.CONFIG].prices.get(model, 0.0)
+    cost, saved = outcome.upstream_tokens * price / 1e6, outcome.cached_tokens * price / 1e6
     m = request.app[K.METRICS]
     m.inputs.labels(team, model, "hit").inc(outcome.hits)
     m.inputs.labels(team, model, "miss").inc(outcome.misses)
     m.inputs.labels(team, model, "joined").inc(outcome.joined)
     m.tokens.labels(team, model, "upstream").inc(outcome.upstream_tokens)
     m.tokens.labels(team, model, "cache").inc(outcome.cached_tokens)
-    price = request.app[K.CONFIG].prices.get(model)
-    if price:
-        m.cost.labels(team, model, "billed").inc(outcome.upstream_tokens * price / 1e6)
-        m.cost.labels(team, model, "saved").inc(outcome.cached_tokens * price / 1e6)
+    m.cost.labels(team, model, "billed").inc(cost)
+    m.cost.labels(team, model, "saved").inc(saved)
+    request.app[K.USAGE].record(team, model, Tally(
+        requests=1, inputs=inputs, hits=outcome.hits, misses=outcome.misses, joined=outcome.joined,
+        upstream_tokens=outcome.upstream_tokens, cached_tokens=outcome.cached_tokens,
+        cost_usd=cost, cost_saved_usd=saved,
+    ))
     request[K.LOG_FIELDS].update(
-        model=model, inputs=inputs, hits=outcome.hits, misses=outcome.misses, joined=outcome.joined,
-        upstream_tokens=outcome.upstream_tokens,
+        hits=outcome.hits, misses=outcome.misses, joined=outcome.joined, upstream_tokens=outcome.upstream_tokens,
     )
 
 
@@ -118,5 +127,39 @@ async def metrics(request: web.Request) -> web.Response:
         principal = request.app[K.KEYRING].authenticate(authorization)
         if not principal.admin:
             raise Forbidden("metrics need the metrics token or an admin key")
-    payload = generate_latest(request.app[K.METRICS].registry)
-    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    metrics_ = request.app[K.METRICS]
+    await metrics_.refresh()
+    return web.Response(body=metrics_.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def usage(request: web.Request) -> web.Response:
+    """`GET /v1/usage`: a team key sees its own team, an admin key every team (or those named in `team`)."""
+    config = request.app[K.CONFIG]
+    today = datetime.now(UTC).date()
+    query = parse_query(request.query, today=today, max_days=config.usage.max_query_days)
+    teams = _visible_teams(principal_of(request), query.teams)
+    recorder = request.app[K.USAGE]
+    await recorder.flush()  # this process's latest requests are in the answer; a failure shows in the read
+    try:
+        tallies = await recorder.store.read(teams, query.days())
+    except Exception as exc:
+        request.app[K.METRICS].store_errors.labels("state", "usage_read").inc()
+        raise StateUnavailable("the usage store cannot be read now; retry shortly") from exc
+    report = build_report(query, tallies)
+    if query.format == "csv":
+        name = f"usage_{query.start.isoformat()}_{query.end.isoformat()}.csv"
+        return web.Response(
+            text=report.csv(), content_type="text/csv", charset="utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+    return web.Response(body=report.json(), content_type="application/json")
+
+
+def _visible_teams(principal: Principal, asked: tuple[str, ...] | None) -> list[str] | None:
+    if principal.admin:
+        return None if asked is None else list(asked)
+    own = principal.name
+    others = sorted(set(asked or ()) - {own})
+    if others:
+        raise Forbidden(f"a team key sees only its own team's usage, not {others[0]!r}", code="USAGE_FORBIDDEN")
+    return [own]

@@ -10,3 +10,18 @@ CACHE_PREFIX = b"egc:1:"
 
 # State store (quotas, usage, jobs) prefixes are added by the modules that own them, here.
 STATE_PREFIX = "eg:"
+
+# Usage counters (gateway/usage.py): one hash per team and UTC day, fields `<model>:<counter>`. The team is the
+# hash tag: the flush script touches a team's day hashes and its writer mark together.
+USAGE_PREFIX = STATE_PREFIX + "usage:"
+# Set of every team that has usage (the admin's report reads it instead of scanning the keyspace).
+USAGE_TEAMS = USAGE_PREFIX + "teams"
+
+
+def usage_day_key(team: str, day: str) -> str:
+    return f"{USAGE_PREFIX}{{{team}}}:{day}"
+
+
+def usage_writer_key(team: str, writer: str) -> str:
+    """The last flush number applied for `team` from one gateway process, so a retried flush is applied once."""
+    return f"{USAGE_PREFIX}{{{team}}}:writer:{writer}"

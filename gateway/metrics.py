@@ -1,19 +1,48 @@
 """Prometheus series. One registry per app (tests build many apps in one process); one prefix, `eg_`.
 
 Labels are team *names* and model names, never keys or inputs.
+
+Values that live elsewhere (quota remaining, batch jobs by status) are read at scrape time: a part registers an
+async hook with `Metrics.on_scrape`; `GET /metrics` awaits every hook (each bounded by a timeout), then renders.
+A hook sets plain Gauges, usually with `replace` so a label set that disappeared disappears from the scrape:
+
+    async def quota_snapshot() -> None:
+        remaining = await quota.remaining_all()          # {(team, policy): units}
+        replace(metrics.quota_remaining, remaining)
+    metrics.on_scrape(quota_snapshot)
+
+Only plain Counter / Histogram / Gauge objects live here, so prometheus-client's multiprocess mode can aggregate
+them across `serve --workers` processes (each Gauge says how: `multiprocess_mode`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("gateway.metrics")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+ScrapeHook = Callable[[], Awaitable[None]]
+
+# Quota policy label values: the `Quota` config field a rejection or a remaining figure is about.
+QUOTA_POLICIES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._hooks: list[tuple[str, ScrapeHook]] = []
+        self._add_request_series()
+        self._add_upstream_series()
+        self._add_state_series()
+
+    def _add_request_series(self) -> None:
         r = self.registry
         self.requests = Counter(
             "eg_requests", "HTTP requests by route and status", ["route", "status", "team"], registry=r
@@ -22,7 +51,7 @@ class Metrics:
             "eg_request_duration_seconds", "Request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.inputs = Counter(
-            "eg_inputs", "Inputs by outcome: hit, miss, joined (an in-flight input)",
+            "eg_inputs", "Distinct inputs per request by outcome: hit, miss, joined (an in-flight input)",
             ["team", "model", "outcome"], registry=r,
         )
         self.tokens = Counter(
@@ -33,6 +62,9 @@ class Metrics:
             "eg_cost_usd", "Estimated cost in USD: billed upstream or saved by the cache",
             ["team", "model", "kind"], registry=r,
         )
+
+    def _add_upstream_series(self) -> None:
+        r = self.registry
         self.upstream_calls = Counter(
             "eg_upstream_calls", "Upstream HTTP attempts by status", ["model", "status"], registry=r
         )
@@ -50,12 +82,75 @@ class Metrics:
         self.upstream_tokens = Counter(
             "eg_upstream_tokens", "Tokens the upstream reported, per call (the bill)", ["model"], registry=r
         )
+        self.queue_inputs = Gauge(
+            "eg_coalescer_queue_inputs", "Inputs queued or in flight in the coalescer", registry=r,
+            multiprocess_mode="livesum",
+        )
+
+    def _add_state_series(self) -> None:
+        r = self.registry
         self.store_errors = Counter(
             "eg_store_errors", "Cache and state store errors", ["store", "op"], registry=r
-        )
-        self.queue_inputs = Gauge(
-            "eg_coalescer_queue_inputs", "Inputs queued or in flight in the coalescer", registry=r
         )
         self.quota_rejections = Counter(
             "eg_quota_rejections", "Requests refused by a team policy", ["team", "policy"], registry=r
         )
+        # Shared state read at scrape time: every process reads the same store, so the latest value wins.
+        self.quota_remaining = Gauge(
+            "eg_quota_remaining", "Units (tokens or requests) a team may still use under a policy now",
+            ["team", "policy"], registry=r, multiprocess_mode="mostrecent",
+        )
+        self.quota_limit = Gauge(
+            "eg_quota_limit", "A team policy's limit (tokens or requests per window)",
+            ["team", "policy"], registry=r, multiprocess_mode="mostrecent",
+        )
+        self.batch_jobs = Gauge(
+            "eg_batch_jobs", "Batch jobs by status", ["status"], registry=r, multiprocess_mode="mostrecent"
+        )
+        self.scrape_hook_errors = Counter(
+            "eg_scrape_hook_errors", "Scrape-time hooks that failed or timed out", ["hook"], registry=r
+        )
+
+    def prime(self, teams: Iterable[tuple[str, Mapping[str, int | None]]]) -> None:
+        """Creates the series known up front at 0, so rate() sees their first increment and panels show 0.
+
+        `teams` is (team name, {policy: limit or None}) per team.
+        """
+        for name, policies in teams:
+            for policy, limit in policies.items():
+                if limit is not None:
+                    self.quota_rejections.labels(name, policy)
+                    self.quota_limit.labels(name, policy).set(limit)
+        for store, op in (("cache", "get"), ("cache", "set"), ("state", "usage_flush"), ("state", "usage_read")):
+            self.store_errors.labels(store, op)
+
+    def on_scrape(self, hook: ScrapeHook, *, name: str | None = None) -> None:
+        """Registers an async hook that `refresh` awaits before each scrape (it sets Gauges)."""
+        self._hooks.append((name or str(getattr(hook, "__name__", "hook")), hook))
+
+    async def refresh(self, timeout_s: float = 2.0) -> None:
+        """Runs every scrape hook concurrently; a failing or slow hook leaves its gauges as they were."""
+        if self._hooks:
+            await asyncio.gather(*(self._run_hook(name, hook, timeout_s) for name, hook in self._hooks))
+
+    async def _run_hook(self, name: str, hook: ScrapeHook, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await hook()
+        except Exception:
+            log.warning("scrape hook %s failed", name, exc_info=True)
+            self.scrape_hook_errors.labels(name).inc()
+
+    def render(self) -> bytes:
+        """The exposition text (the one place to swap in a multiprocess collector)."""
+        return generate_latest(self.registry)
+
+
+def replace(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
+    """Sets a labelled Gauge to exactly `values` (label tuple → value), dropping label sets not in it.
+
+    Synchronous on purpose: no scrape can render between the clear and the sets.
+    """
+    gauge.clear()
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -176,3 +177,8 @@ class RedisCacheStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def read_lua(name: str) -> str:
+    """The text of `gateway/store/lua/<name>`, for `register_script`."""
+    return resources.files("gateway.store").joinpath("lua", name).read_text(encoding="utf-8")

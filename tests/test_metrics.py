@@ -1,0 +1,130 @@
+"""gateway/metrics.py and /metrics: the bill in the metrics equals the upstream's, scrape hooks, the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+import pytest
+
+from gateway import appkeys as K
+from gateway.auth import hash_key
+from gateway.metrics import Metrics, replace
+from gateway.sim import Fault, SimConfig
+
+from .conftest import TEAM_A_KEY, TEAM_B_KEY, UPSTREAM_KEY, Gateway, auth, sim_of
+from .promtext import scrape
+from .workload import MODEL, NANO, run_workload
+
+PRICES = {MODEL: 0.05, NANO: 0.02}
+
+
+async def test_upstream_billed_tokens_in_metrics_equal_the_simulators_count(gateway: Gateway) -> None:
+    client = await gateway(sim=SimConfig(latency_base_ms=30), prices=PRICES)
+    sim = sim_of(client)
+    sent = await run_workload(client, sim)
+    m = await scrape(client)
+
+    assert m.total("eg_tokens_total", source="upstream") == sim.tokens == sent.total("upstream_tokens")
+    assert m.total("eg_upstream_tokens_total") == sim.tokens
+    hits, misses, joined = (m.total("eg_inputs_total", outcome=o) for o in ("hit", "miss", "joined"))
+    assert hits + misses + joined == sent.total("inputs") == 40
+    assert (hits, misses, joined) == (sent.total("hits"), sent.total("misses"), sent.total("joined")) == (9, 25, 6)
+    assert misses == sim.inputs  # every miss was billed exactly once
+    for team in ("team-a", "team-b"):
+        assert m.total("eg_tokens_total", team=team, source="upstream") == sent.upstream_tokens[team]
+    billed = sum(m.total("eg_tokens_total", model=x, source="upstream") * p / 1e6 for x, p in PRICES.items())
+    assert m.total("eg_cost_usd_total", kind="billed") == pytest.approx(billed, rel=1e-12)
+    assert m.total("eg_upstream_calls_total", status="503") == 1
+    assert m.total("eg_upstream_retries_total", reason="503") == 1
+    assert m.total("eg_upstream_batch_inputs_count") == m.total("eg_upstream_calls_total", status="200")
+    assert m.total("eg_upstream_batch_inputs_sum") == sim.inputs
+    assert m.total("eg_requests_total", route="/v1/embeddings", status="200") == sent.total("requests") == 6
+
+
+async def test_metrics_never_carry_keys_or_inputs(gateway: Gateway) -> None:
+    client = await gateway(sim=SimConfig(latency_base_ms=5))
+    await run_workload(client, sim_of(client))
+    text = (await scrape(client)).text
+    for secret in (TEAM_A_KEY, TEAM_B_KEY, UPSTREAM_KEY, "metrics-token", "pack my box"):
+        assert secret not in text
+
+
+async def test_series_known_from_the_config_start_at_zero(gateway: Gateway) -> None:
+    teams = [
+        {"name": "team-a", "keys": [hash_key(TEAM_A_KEY)], "quota": {"tokens_per_day": 1000, "requests_per_minute": 5}},
+        {"name": "team-b", "keys": [hash_key(TEAM_B_KEY)]},
+    ]
+    client = await gateway(teams=teams)
+    m = await scrape(client)
+    assert sorted(s["policy"] for s in m.labelsets("eg_quota_rejections_total")) == [
+        "requests_per_minute", "tokens_per_day"
+    ]
+    assert m.total("eg_quota_rejections_total") == 0
+    assert m.total("eg_quota_limit", team="team-a", policy="tokens_per_day") == 1000
+    assert {s["store"] for s in m.labelsets("eg_store_errors_total")} == {"cache", "state"}
+
+
+async def test_scrape_hooks_set_gauges_at_scrape_time_and_a_failing_hook_does_not_break_the_scrape(
+    gateway: Gateway,
+) -> None:
+    client = await gateway()
+    metrics = client.app[K.METRICS]
+    scrapes = 0
+
+    async def quota_snapshot() -> None:
+        nonlocal scrapes
+        scrapes += 1
+        # The label set of the first scrape is gone from the second: `replace` drops what is not given.
+        policy = "tokens_per_day" if scrapes == 1 else "tokens_per_minute"
+        replace(metrics.quota_remaining, {("team-a", policy): 100.0 - scrapes})
+
+    async def broken() -> None:
+        raise ConnectionError("state store down")
+
+    metrics.on_scrape(quota_snapshot)
+    metrics.on_scrape(broken)
+    first = await scrape(client)
+    assert first.labelsets("eg_quota_remaining") == [{"team": "team-a", "policy": "tokens_per_day"}]
+    assert first.total("eg_quota_remaining") == 99
+    second = await scrape(client)
+    assert second.labelsets("eg_quota_remaining") == [{"team": "team-a", "policy": "tokens_per_minute"}]
+    assert second.total("eg_quota_remaining") == 98
+    assert second.total("eg_scrape_hook_errors_total", hook="broken") == 2
+
+
+async def test_a_hook_that_hangs_is_cut_off_by_the_timeout() -> None:
+    metrics = Metrics()
+    never = asyncio.Event()
+
+    async def stuck() -> None:
+        await never.wait()
+
+    metrics.on_scrape(stuck)
+    await metrics.refresh(timeout_s=0.01)
+    assert b'eg_scrape_hook_errors_total{hook="stuck"} 1.0' in metrics.render()
+
+
+async def test_access_log_is_one_json_line_per_request_without_keys_or_text(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    client = await gateway(sim=SimConfig(latency_base_ms=0))
+    body = orjson.dumps({"model": MODEL, "input": ["secret text one", "secret text two"]})
+    for _ in range(2):
+        resp = await client.post("/v1/embeddings", data=body, headers={**auth(), "X-Request-Id": "rid-1"})
+        assert resp.status == 200
+    sim_of(client).inject(*[Fault(kind="status", status=500) for _ in range(4)])  # 1 try + 3 retries
+    resp = await client.post("/v1/embeddings", data=orjson.dumps({"model": MODEL, "input": ["x"]}), headers=auth())
+    assert resp.status == 502
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 3
+    first, second, failed = (orjson.loads(line) for line in lines)
+    assert first["request_id"] == "rid-1" and first["team"] == "team-a" and first["model"] == MODEL
+    assert first["status"] == 200 and first["inputs"] == 2 and first["hits"] == 0 and first["misses"] == 2
+    assert first["upstream_tokens"] > 0 and first["latency_ms"] >= 0
+    assert second["hits"] == 2 and second["upstream_tokens"] == 0
+    assert failed["status"] == 502 and failed["model"] == MODEL and failed["inputs"] == 1
+    for line in lines:
+        assert TEAM_A_KEY not in line and UPSTREAM_KEY not in line and "secret text" not in line
