@@ -97,8 +97,12 @@ def decode(raw: bytes) -> Entry:
         shapes = [_UNIT_SHAPE.unpack_from(raw, offset + i * _UNIT_SHAPE.size) for i in range(rows)]
         offset += rows * _UNIT_SHAPE.size
         flat = _unpack_floats(memoryview(raw)[offset:], flags)
+        if flat.size != sum(max(r, 1) * dim for r, dim in shapes):
+            raise ValueError("cache entry unit of the wrong size")
         return Entry(vectors=_split_unit(flat, shapes), tokens=tokens)
     flat = _unpack_floats(memoryview(raw)[offset:], flags)
+    if not flat.size:  # a bare header: serving it would answer with an empty embedding
+        raise ValueError("cache entry without a vector")
     return Entry(vectors=flat.reshape(rows, -1) if rows else flat, tokens=tokens)
 
 
