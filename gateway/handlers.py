@@ -139,7 +139,9 @@ async def usage(request: web.Request) -> web.Response:
     query = parse_query(request.query, today=today, max_days=config.usage.max_query_days)
     teams = _visible_teams(principal_of(request), query.teams)
     recorder = request.app[K.USAGE]
-    await recorder.flush()  # this process's latest requests are in the answer; a failure shows in the read
+    # This process's latest requests belong in the answer: without them it would be silently short.
+    if not await recorder.flush():
+        raise StateUnavailable("the usage store cannot be written now; retry shortly")
     try:
         tallies = await recorder.store.read(teams, query.days())
     except Exception as exc:

@@ -20,6 +20,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import orjson
+from redis.exceptions import NoScriptError
 
 from .errors import ValidationFailed
 from .keys import USAGE_TEAMS, usage_day_key, usage_writer_key
@@ -100,29 +101,58 @@ class MemoryUsageStore:
 
 
 class RedisUsageStore:
-    """One hash per team and day (`keys.usage_day_key`), fields `<model>:<counter>`; one script call per team."""
+    """One hash per team and day (`keys.usage_day_key`), fields `<model>:<counter>`; one script call per team.
+
+    On one Redis a flush is one pipelined round trip. A cluster refuses scripts in pipelines, so there the
+    per-team calls go concurrently, each to its team's node.
+    """
 
     def __init__(self, client: Any, *, retention_s: int, writer_ttl_s: int = 7 * 86400) -> None:
+        from redis.asyncio.cluster import RedisCluster
+
         from .store.redis import read_lua
 
         self.client = client
         self.retention_s = retention_s
         self.writer_ttl_s = writer_ttl_s
-        self._add = client.register_script(read_lua("usage_add.lua"))
+        self.cluster = isinstance(client, RedisCluster)
+        self._script = client.register_script(read_lua("usage_add.lua"))
 
     async def add(self, tallies: Mapping[UsageKey, Tally], *, writer: str, seq: int) -> None:
+        calls = self._calls(tallies, writer, seq)
+        if self.cluster:
+            await asyncio.gather(*(self._script(keys=k, args=a) for k, a in calls))
+            await self.client.sadd(USAGE_TEAMS, *{t for t, _, _ in tallies})
+            return
+        try:
+            await self._pipeline(calls, tallies).execute()
+        except NoScriptError:
+            # A restarted or new Redis: load the script and send it all again (applied teams are skipped by seq).
+            await self.client.script_load(self._script.script)
+            await self._pipeline(calls, tallies).execute()
+
+    def _pipeline(self, calls: list[tuple[list[str], list[Any]]], tallies: Mapping[UsageKey, Tally]) -> Any:
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        pipe.sadd(USAGE_TEAMS, *{t for t, _, _ in tallies})
+        return pipe
+
+    def _calls(
+        self, tallies: Mapping[UsageKey, Tally], writer: str, seq: int
+    ) -> list[tuple[list[str], list[Any]]]:
+        """(keys, args) of one script call per team."""
         by_team: dict[str, dict[str, list[str]]] = {}
         for (team, model, day), tally in tallies.items():
             fields = by_team.setdefault(team, {}).setdefault(usage_day_key(team, day), [])
             fields.extend(_field_args(model, tally))
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         for team, days in by_team.items():
             args: list[Any] = [seq, self.writer_ttl_s, self.retention_s]
             for fields in days.values():
                 args += [len(fields) // 2, *fields]
-            await self._add(keys=[usage_writer_key(team, writer), *days], args=args, client=pipe)
-        pipe.sadd(USAGE_TEAMS, *by_team)
-        await pipe.execute()
+            calls.append(([usage_writer_key(team, writer), *days], args))
+        return calls
 
     async def read(self, teams: Sequence[str] | None, days: Sequence[str]) -> dict[UsageKey, Tally]:
         if teams is None:

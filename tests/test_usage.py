@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import shlex
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import appkeys as K
+from gateway.config import load_config
 from gateway.errors import ValidationFailed
 from gateway.sim import SimConfig
 from gateway.store.redis import read_lua
@@ -27,6 +31,8 @@ from gateway.usage import (
 )
 
 from .conftest import ADMIN_KEY, TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of
+from .promtext import scrape
+from .redis_server import RedisServer
 from .workload import MODEL, NANO, Sent, run_workload
 
 PRICES = {MODEL: 0.05, NANO: 0.02}
@@ -246,8 +252,60 @@ async def test_usage_is_written_in_one_round_trip_per_flush(state_client: Any) -
     stats = await state_client.info("commandstats")
     assert executed == 1  # one round trip for 50 requests of 3 teams
     assert stats["cmdstat_evalsha"]["calls"] == 3 and stats["cmdstat_sadd"]["calls"] == 1  # a script call per team
+    assert "cmdstat_script" not in stats  # no SCRIPT EXISTS / LOAD round trip per flush
     got = await store.read(None, [TODAY])
     assert sum(t.requests for t in got.values()) == 50 and sum(t.inputs for t in got.values()) == 500
     assert sum(t.cost_usd for t in got.values()) == pytest.approx(50e-5)
     ttl = await state_client.ttl(f"eg:usage:{{team-0}}:{TODAY}")
     assert 0 < ttl <= 3600
+
+
+async def test_usage_on_a_redis_cluster(gateway: Gateway, cluster_url: str) -> None:
+    client = await gateway(sim=SimConfig(latency_base_ms=20), state={"url": cluster_url}, prices=PRICES)
+    sim = sim_of(client)
+    sent = await run_workload(client, sim)
+    status, report = await usage(client)
+    assert status == 200, report
+    assert_matches(report, sent, sim.tokens)
+
+
+async def test_a_flush_after_the_scripts_were_flushed_loads_them_again(state_client: Any) -> None:
+    recorder = UsageRecorder(RedisUsageStore(state_client, retention_s=60))
+    await state_client.script_flush()
+    recorder.record("a", MODEL, Tally(requests=1, upstream_tokens=9))
+    assert await recorder.flush()
+    got = await recorder.store.read(["a"], [TODAY])
+    assert got[("a", MODEL, TODAY)].upstream_tokens == 9
+
+
+async def test_state_store_down_embeddings_still_served_usage_kept_until_it_is_back(
+    gateway: Gateway, own_redis: RedisServer
+) -> None:
+    client = await gateway(state={"url": own_redis.url}, usage={"flush_interval_s": 3600})
+    body = orjson.dumps({"model": MODEL, "input": ["kept while redis is down"]})
+    own_redis.stop()
+    resp = await client.post("/v1/embeddings", data=body, headers=auth(TEAM_A_KEY))
+    assert resp.status == 200
+    status, report = await usage(client)
+    assert status == 503 and report["code"] == "STATE_UNAVAILABLE"
+    assert (await scrape(client)).total("eg_store_errors_total", store="state", op="usage_flush") == 1
+    own_redis.start()
+    status, report = await usage(client)
+    assert status == 200 and report["total"]["requests"] == 1 and report["total"]["misses"] == 1
+
+
+ROOT = Path(__file__).resolve().parent.parent
+README_BLOCKS = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+DEMO = load_config(ROOT / "config/demo.yaml")
+
+
+async def test_the_readme_usage_example_works_on_the_demo_config(aiohttp_client: Any) -> None:
+    from gateway.app import create_app
+
+    args = shlex.split(next(b for b in README_BLOCKS if "/v1/usage" in b).replace("\\\n", " "))
+    url = next(a for a in args if a.startswith("http://127.0.0.1:8080/"))
+    header = args[args.index("-H") + 1]
+    client = await aiohttp_client(create_app(DEMO))
+    resp = await client.get(url.removeprefix("http://127.0.0.1:8080"), headers=dict([header.split(": ", 1)]))
+    assert resp.status == 200
+    assert (await resp.text()).splitlines()[0] == ",".join(["team", "model", *FIELDS])
