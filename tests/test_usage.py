@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import os
 import re
 import shlex
+import signal
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -14,6 +18,8 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import yaml
+from aiohttp import ClientSession
 
 from gateway import appkeys as K
 from gateway.config import load_config
@@ -30,9 +36,9 @@ from gateway.usage import (
     parse_query,
 )
 
-from .conftest import ADMIN_KEY, TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of
+from .conftest import ADMIN_KEY, TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, base_config, sim_of
 from .promtext import scrape
-from .redis_server import RedisServer
+from .redis_server import RedisServer, free_port
 from .workload import MODEL, NANO, Sent, run_workload
 
 PRICES = {MODEL: 0.05, NANO: 0.02}
@@ -309,3 +315,31 @@ async def test_the_readme_usage_example_works_on_the_demo_config(aiohttp_client:
     resp = await client.get(url.removeprefix("http://127.0.0.1:8080"), headers=dict([header.split(": ", 1)]))
     assert resp.status == 200
     assert (await resp.text()).splitlines()[0] == ",".join(["team", "model", *FIELDS])
+
+
+async def test_serve_writes_the_tally_on_sigterm(redis_url: str, state_client: Any, tmp_path: Path) -> None:
+    """A real `embedding-gateway serve` process: what it tallied reaches Redis when it is stopped normally."""
+    config = base_config(state={"url": redis_url}, usage={"flush_interval_s": 3600}, listen={"port": free_port()})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(path),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        assert b"listening" in await asyncio.wait_for(proc.stdout.readline(), 30)
+        base = f"http://127.0.0.1:{config['listen']['port']}"
+        async with ClientSession() as session:
+            for i in range(3):
+                body = orjson.dumps({"model": MODEL, "input": [f"sigterm {i}", "shared"]})
+                async with session.post(f"{base}/v1/embeddings", data=body, headers=auth(TEAM_A_KEY)) as resp:
+                    assert resp.status == 200
+        assert await state_client.keys("eg:usage:*") == []  # nothing written yet: the interval is an hour
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    got = await RedisUsageStore(state_client, retention_s=60).read(["team-a"], [TODAY])
+    tally = got[("team-a", MODEL, TODAY)]
+    assert (tally.requests, tally.inputs, tally.hits, tally.misses) == (3, 6, 2, 4)
