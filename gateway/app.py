@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,9 +14,9 @@ from aiohttp import web
 from . import appkeys as K
 from . import config as cfg
 from . import handlers
-from .auth import KeyRing
 from .cache import EmbeddingCache
 from .coalescer import Coalescer
+from .live import LiveConfig
 from .metrics import Metrics
 from .middleware import access_middleware, auth_middleware, error_middleware
 from .service import EmbeddingService
@@ -28,16 +29,21 @@ from .usage import MemoryUsageStore, RedisUsageStore, UsageRecorder, UsageStore
 log = logging.getLogger("gateway")
 
 
-def create_app(config: cfg.Config, *, simulator: Simulator | None = None) -> web.Application:
-    """Builds the app. With `upstream.url: sim://` it runs a simulator in-process (or the one given)."""
+def create_app(
+    config: cfg.Config, *, simulator: Simulator | None = None, config_path: str | Path | None = None
+) -> web.Application:
+    """Builds the app. With `upstream.url: sim://` it runs a simulator in-process (or the one given).
+
+    `config_path` is the file `app[K.LIVE].reload()` re-reads (on SIGHUP).
+    """
     app = web.Application(
         middlewares=[access_middleware(), error_middleware(), auth_middleware()],
         # aiohttp refuses a larger body while reading it; our handler turns that into the JSON 413.
         client_max_size=config.limits.max_body_bytes,
     )
-    app[K.CONFIG] = config
-    app[K.KEYRING] = KeyRing(config)
-    app[K.METRICS] = _metrics(config)
+    app[K.LIVE] = live = LiveConfig(config, config_path)
+    app[K.METRICS] = metrics = _metrics(config)
+    live.on_change(lambda new: _prime(metrics, new))
     if simulator is not None:
         app[K.SIMULATOR] = simulator
     app.cleanup_ctx.append(_parts)
@@ -51,7 +57,8 @@ def create_app(config: cfg.Config, *, simulator: Simulator | None = None) -> web
 
 
 async def _parts(app: web.Application) -> AsyncIterator[None]:
-    config = app[K.CONFIG]
+    live = app[K.LIVE]
+    config = live.config  # what is read once here needs a restart to change (see live.py)
     metrics = app[K.METRICS]
     sim_runner = None
     base_url = config.upstream.url
@@ -83,6 +90,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
             call_budget_s=config.limits.request_timeout_s,
         )
         app[K.COALESCER] = coalescer
+        live.on_change(coalescer.reconfigure)
         app[K.SERVICE] = EmbeddingService(cache, coalescer, scope=config.cache.scope)
         try:
             yield
@@ -98,8 +106,12 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
 
 def _metrics(config: cfg.Config) -> Metrics:
     metrics = Metrics()
-    metrics.prime((t.name, dataclasses.asdict(t.quota)) for t in config.teams)
+    _prime(metrics, config)
     return metrics
+
+
+def _prime(metrics: Metrics, config: cfg.Config) -> None:
+    metrics.prime((t.name, dataclasses.asdict(t.quota)) for t in config.teams)
 
 
 def _usage_recorder(config: cfg.Config, state_redis: Any, metrics: Metrics) -> UsageRecorder:

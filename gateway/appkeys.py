@@ -6,18 +6,19 @@ from typing import Any
 
 from aiohttp import web
 
-from . import config as cfg
-from .auth import KeyRing, Principal
+from .auth import Principal
 from .cache import EmbeddingCache
 from .coalescer import Coalescer
+from .live import LiveConfig
 from .metrics import Metrics
 from .service import EmbeddingService
 from .sim import Simulator
 from .store import CacheStore
 from .usage import UsageRecorder
 
-CONFIG = web.AppKey("config", cfg.Config)
-KEYRING = web.AppKey("keyring", KeyRing)
+# The config and key ring, swapped whole by a reload (SIGHUP): read `app[LIVE].config` / `.keyring` when you
+# need them, once per request, never copy a live setting at start-up (or register with `on_change`).
+LIVE = web.AppKey("live", LiveConfig)
 METRICS = web.AppKey("metrics", Metrics)
 CACHE_STORE = web.AppKey("cache_store", CacheStore)
 CACHE = web.AppKey("cache", EmbeddingCache)

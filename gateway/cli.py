@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", "-c", default="config/demo.yaml", help="YAML config file")
     serve.add_argument("--host", help="override listen.host")
     serve.add_argument("--port", type=int, help="override listen.port")
+    serve.add_argument("--workers", "-w", type=int, default=1,
+                       help="worker processes sharing the port (SO_REUSEPORT); metrics are summed over them")
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -62,24 +64,14 @@ def _load(path: str) -> cfg.Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from .app import create_app
+    from .server import run
 
     config = _load(args.config)
-    logging.basicConfig(level=config.log_level, format="%(message)s" , stream=sys.stderr)
+    logging.basicConfig(level=config.log_level, format="%(message)s", stream=sys.stderr)
     host = args.host or config.listen.host
-    port = args.port or config.listen.port
-    _install_uvloop()
-    web.run_app(
-        create_app(config),
-        host=host,
-        port=port,
-        access_log=None,
-        shutdown_timeout=config.shutdown_timeout_s,
-        print=lambda _: print(f"embedding-gateway listening on http://{host}:{port}", flush=True),
-    )
-    return 0
+    port = args.port if args.port is not None else config.listen.port
+    # SIGTERM/SIGINT drain (exit 0 when every in-flight request finished); SIGHUP reloads the config file.
+    return run(config, args.config, host=host, port=port, workers=args.workers)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -93,6 +93,11 @@ class Coalescer:
         self._owners = itertools.count(1)
         self.calls = 0
 
+    def reconfigure(self, config: cfg.Config) -> None:
+        """A reload: new batching settings apply from the next batch on (queued inputs keep their place)."""
+        self.config = config.coalesce
+        self.call_budget_s = config.limits.request_timeout_s
+
     @property
     def pending_inputs(self) -> int:
         """Inputs queued or in flight (the bounded quantity)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import time
 from datetime import UTC, datetime
 
@@ -30,7 +31,7 @@ async def read_body(request: web.Request) -> bytes:
     Reading is bounded by the request deadline: aiohttp has no body read timeout of its own, so a client
     trickling its body in would otherwise hold a handler (and its buffer) for as long as it likes.
     """
-    limits = request.app[K.CONFIG].limits
+    limits = request.app[K.LIVE].config.limits
     limit = limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
@@ -44,7 +45,7 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    config = request.app[K.CONFIG]
+    config = request.app[K.LIVE].config
     started = time.monotonic()
     principal = principal_of(request)
     team = principal.team
@@ -78,7 +79,7 @@ def _headers(outcome: Outcome) -> dict[str, str]:
 
 def _account(request: web.Request, team: str, model: str, inputs: int, outcome: Outcome) -> None:
     """Metrics, durable usage and the access log's counts of one answered request (no I/O here)."""
-    price = request.app[K.CONFIG].prices.get(model, 0.0)
+    price = request.app[K.LIVE].config.prices.get(model, 0.0)
     cost, saved = outcome.upstream_tokens * price / 1e6, outcome.cached_tokens * price / 1e6
     m = request.app[K.METRICS]
     m.inputs.labels(team, model, "hit").inc(outcome.hits)
@@ -99,7 +100,8 @@ def _account(request: web.Request, team: str, model: str, inputs: int, outcome: 
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    # The pid tells apart the workers that share one port (`serve --workers N`).
+    return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -121,10 +123,10 @@ async def _ping(store: object) -> bool:
 async def metrics(request: web.Request) -> web.Response:
     """Needs `metrics.token` (what a Prometheus scrape config carries) or an admin key."""
     authorization = request.headers.get("Authorization", "")
-    token = request.app[K.CONFIG].metrics.token
+    token = request.app[K.LIVE].config.metrics.token
     presented = authorization.removeprefix("Bearer ").strip()
     if not (token and hmac.compare_digest(presented.encode(), token.encode())):
-        principal = request.app[K.KEYRING].authenticate(authorization)
+        principal = request.app[K.LIVE].keyring.authenticate(authorization)
         if not principal.admin:
             raise Forbidden("metrics need the metrics token or an admin key")
     metrics_ = request.app[K.METRICS]
@@ -134,7 +136,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     """`GET /v1/usage`: a team key sees its own team, an admin key every team (or those named in `team`)."""
-    config = request.app[K.CONFIG]
+    config = request.app[K.LIVE].config
     today = datetime.now(UTC).date()
     query = parse_query(request.query, today=today, max_days=config.usage.max_query_days)
     teams = _visible_teams(principal_of(request), query.teams)

@@ -12,16 +12,21 @@ A hook sets plain Gauges, usually with `replace` so a label set that disappeared
     metrics.on_scrape(quota_snapshot)
 
 Only plain Counter / Histogram / Gauge objects live here, so prometheus-client's multiprocess mode can aggregate
-them across `serve --workers` processes (each Gauge says how: `multiprocess_mode`).
+them across `serve --workers` processes (each Gauge says how: `multiprocess_mode`): every worker writes its series
+to files in PROMETHEUS_MULTIPROC_DIR (set by the supervisor before the workers import prometheus_client) and
+`/metrics` on any worker renders the sum.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import os
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 log = logging.getLogger("gateway.metrics")
 
@@ -37,6 +42,7 @@ QUOTA_POLICIES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self._hooks: list[tuple[str, ScrapeHook]] = []
         self._add_request_series()
         self._add_upstream_series()
@@ -62,6 +68,15 @@ class Metrics:
             "eg_cost_usd", "Estimated cost in USD: billed upstream or saved by the cache",
             ["team", "model", "kind"], registry=r,
         )
+        self.in_flight = Gauge(
+            "eg_requests_in_flight", "API requests being handled (probes and /metrics not counted)", registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.workers = Gauge(
+            "eg_workers", "Worker processes serving (1 per process; summed over live workers)", registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.workers.set(1)
 
     def _add_upstream_series(self) -> None:
         r = self.registry
@@ -142,8 +157,12 @@ class Metrics:
             self.scrape_hook_errors.labels(name).inc()
 
     def render(self) -> bytes:
-        """The exposition text (the one place to swap in a multiprocess collector)."""
-        return generate_latest(self.registry)
+        """The exposition text: this registry, or with workers the sum over every worker's files."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry(auto_describe=False)
+        merged.register(_Merged(self.registry, self.multiprocess_dir))
+        return generate_latest(merged)
 
 
 def replace(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
@@ -154,3 +173,25 @@ def replace(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
     gauge.clear()
     for labels, value in values.items():
         gauge.labels(*labels).set(value)
+
+
+class _Merged:
+    """Every worker's series from the multiprocess files, plus any family only this registry has.
+
+    A family the files have is taken from them (the total over workers); another family of the registry (a
+    custom collector, should one be added) is this process's own answer.
+    """
+
+    def __init__(self, registry: CollectorRegistry, path: str) -> None:
+        self.registry = registry
+        self.files = MultiProcessCollector(None, path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        families: Iterable[Metric] = self.files.collect()  # type: ignore[no-untyped-call]
+        names = set()
+        for family in families:
+            names.add(family.name)
+            yield family
+        for family in self.registry.collect():
+            if family.name not in names:
+                yield family

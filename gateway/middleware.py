@@ -21,6 +21,7 @@ log = logging.getLogger("gateway")
 
 # Paths that answer without a key: liveness and readiness probes (metrics has its own optional token).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+PROBE_PATHS = PUBLIC_PATHS
 
 _HTTP_CODES = {
     404: "NOT_FOUND",
@@ -47,12 +48,18 @@ def access_middleware() -> Middleware:
         fields: dict[str, object] = {}
         request[K.LOG_FIELDS] = fields
         status = 500
+        # Probes and scrapes are not work: the gauge says what a drain still waits for.
+        in_flight = None if request.path in PROBE_PATHS else request.app[K.METRICS].in_flight
+        if in_flight is not None:
+            in_flight.inc()
         try:
             response = await handler(request)
             status = response.status
             response.headers["X-Request-Id"] = request_id
             return response
         finally:
+            if in_flight is not None:
+                in_flight.dec()
             _observe(request, request_id, status, time.perf_counter() - started, fields)
 
     return impl
@@ -66,7 +73,7 @@ def _observe(request: web.Request, rid: str, status: int, seconds: float, fields
     metrics = request.app[K.METRICS]
     metrics.requests.labels(path, str(status), team).inc()
     metrics.request_seconds.labels(path).observe(seconds)
-    if path in ("/healthz", "/readyz", "/metrics"):
+    if path in PROBE_PATHS:
         return
     line = {"request_id": rid, "method": request.method, "path": path, "team": team, "status": status,
             "latency_ms": round(seconds * 1000, 3), **fields}
@@ -100,7 +107,7 @@ def auth_middleware() -> Middleware:
     @web.middleware
     async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in PUBLIC_PATHS:
-            keyring = request.app[K.KEYRING]
+            keyring = request.app[K.LIVE].keyring
             request[K.PRINCIPAL] = keyring.authenticate(request.headers.get("Authorization"))
         return await handler(request)
 

@@ -1,0 +1,247 @@
+"""Running the gateway: one process that drains on SIGTERM/SIGINT and reloads its config on SIGHUP, or a supervisor
+of N such worker processes sharing one port (SO_REUSEPORT), with their metrics summed through prometheus-client's
+multiprocess files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection as mpc
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import appkeys as K
+from . import config as cfg
+
+log = logging.getLogger("gateway")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def run(config: cfg.Config, config_path: str | None, *, host: str, port: int, workers: int = 1) -> int:
+    """Serves until SIGTERM/SIGINT; returns the exit code (0 = every in-flight request was finished)."""
+    if workers <= 1:
+        def announce() -> None:
+            print(f"embedding-gateway listening on http://{host}:{port}", flush=True)
+
+        return run_loop(serve(config, config_path, host=host, port=port, reuse_port=False, on_ready=announce))
+    if port == 0:
+        raise ValueError("--workers needs a fixed port (the workers share it)")
+    return Supervisor(config, config_path, host=host, port=port, workers=workers).run()
+
+
+def run_loop(main: Any) -> int:
+    """asyncio.run on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        result: int = asyncio.run(main)
+        return result
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        code: int = runner.run(main)
+        return code
+
+
+async def serve(
+    config: cfg.Config,
+    config_path: str | Path | None,
+    *,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    on_ready: Callable[[], None],
+) -> int:
+    from .app import create_app  # the app pulls in every part; the supervisor process needs none of them
+
+    app = create_app(config, config_path=config_path)
+    live = app[K.LIVE]
+    live.on_change(lambda c: logging.getLogger().setLevel(c.log_level))
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout_s)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # Synchronous on the loop: no request runs while the config is swapped, so none sees half of two.
+    loop.add_signal_handler(signal.SIGHUP, live.reload)
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        on_ready()
+        await stop.wait()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return await drain(runner, app)
+
+
+async def drain(runner: web.AppRunner, app: web.Application) -> int:
+    """Stops accepting, lets in-flight requests and pending cache writes finish, releases what others may take."""
+    timeout = app[K.LIVE].config.shutdown_timeout_s
+    started = time.monotonic()
+    for site in list(runner.sites):
+        await site.stop()  # the listening socket closes: new connections go to other workers or replicas
+    log.info("draining: %d requests in flight, up to %.0fs", _in_flight(app[K.METRICS]), timeout)
+    # cleanup() runs on_shutdown (batch leases), waits for handlers (bounded by the runner's shutdown_timeout),
+    # then the cleanup contexts (the coalescer lets in-flight upstream calls and their cache writes finish).
+    try:
+        await asyncio.wait_for(runner.cleanup(), timeout + 1.0)
+    except TimeoutError:
+        log.error("drain: not finished within %.0fs; exiting anyway", timeout)
+        return 1
+    log.info("drained in %.2fs", time.monotonic() - started)
+    return 0
+
+
+def _in_flight(metrics: Any) -> int:
+    return int(sum(s.value for m in metrics.in_flight.collect() for s in m.samples))
+
+
+# ---- N workers ---------------------------------------------------------------------------------------------
+
+
+class Supervisor:
+    """Starts N workers on one port, forwards signals, restarts a worker that dies, and cleans up its metrics."""
+
+    def __init__(self, config: cfg.Config, config_path: str | None, *, host: str, port: int, workers: int) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.host, self.port, self.size = host, port, workers
+        self.ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no loop or pool state is copied
+        self.procs: dict[int, Any] = {}  # sentinel fd → process
+        self.stopping = False
+        self.exit_codes: list[int] = []
+        self.restarts: list[float] = []
+
+    def run(self) -> int:
+        owned = MULTIPROC_ENV not in os.environ
+        path = tempfile.mkdtemp(prefix="eg-metrics-") if owned else os.environ[MULTIPROC_ENV]
+        _clear(path)
+        os.environ[MULTIPROC_ENV] = path  # before the workers start: they import prometheus_client fresh
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno())
+        pending: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _frame: pending.append(signum))
+        self.ready_r, self.ready_w = self.ctx.Pipe(duplex=False)
+        try:
+            return self._loop(wake_r, pending)
+        finally:
+            signal.set_wakeup_fd(-1)
+            wake_r.close()
+            wake_w.close()
+            if owned:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _loop(self, wake: socket.socket, pending: list[int]) -> int:
+        for index in range(self.size):
+            self._start(index)
+        ready: set[int] = set()
+        while self.procs:
+            for obj in mpc.wait([wake, self.ready_r, *self.procs]):
+                if obj is wake:
+                    wake.recv(64)
+                elif obj is self.ready_r:
+                    ready.add(self.ready_r.recv())
+                    if len(ready) == self.size:
+                        pids = " ".join(str(p.pid) for p in self.procs.values())
+                        print(f"embedding-gateway listening on http://{self.host}:{self.port} "
+                              f"({self.size} workers, pids {pids})", flush=True)
+                else:
+                    self._reap(obj)
+            while pending:
+                self._signal(pending.pop(0))
+            if self.stopping:
+                return self._wait_all()
+        return 0 if all(c == 0 for c in self.exit_codes) else 1
+
+    def _start(self, index: int) -> None:
+        proc = self.ctx.Process(
+            target=_worker_main, name=f"gateway-worker-{index}", daemon=False,
+            args=(self.config, self.config_path, self.host, self.port, self.ready_w, index),
+        )
+        proc.start()
+        proc.index = index  # type: ignore[attr-defined]
+        self.procs[proc.sentinel] = proc
+
+    def _reap(self, sentinel: Any) -> None:
+        from prometheus_client import multiprocess
+
+        proc = self.procs.pop(sentinel)
+        proc.join()
+        # Drops its live gauges; its counters stay in the totals (the work it did was done).
+        multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+        if self.stopping:  # the exit code says whether the drain finished every request
+            self.exit_codes.append(proc.exitcode)
+            return
+        log.error("worker %d (pid %d) exited with %s; starting a new one", proc.index, proc.pid, proc.exitcode)
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+        if len(self.restarts) > 3 * self.size:
+            log.error("workers keep dying (%d restarts in a minute); stopping", len(self.restarts))
+            self._signal(signal.SIGTERM)
+            self.exit_codes.append(1)
+            return
+        self._start(proc.index)
+
+    def _signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self._reload()
+        else:
+            self.stopping = True
+        forward = signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM
+        for proc in self.procs.values():
+            if proc.pid is not None:
+                os.kill(proc.pid, forward)
+
+    def _reload(self) -> None:
+        # Workers reload themselves (and log it); the supervisor keeps the newest valid config for restarts.
+        if self.config_path is None:
+            return
+        with contextlib.suppress(cfg.ConfigError, OSError):
+            self.config = cfg.load_config(self.config_path)
+
+    def _wait_all(self) -> int:
+        deadline = time.monotonic() + self.config.shutdown_timeout_s + 5.0
+        while self.procs:
+            left = deadline - time.monotonic()
+            done = mpc.wait(list(self.procs), timeout=max(0.0, left))
+            if not done:
+                for proc in self.procs.values():
+                    log.error("worker pid %d did not drain in time; killing it", proc.pid)
+                    proc.kill()
+                deadline = time.monotonic() + 5.0
+            for sentinel in done:
+                self._reap(sentinel)
+        return 0 if all(c == 0 for c in self.exit_codes) else 1
+
+
+def _clear(path: str) -> None:
+    for stale in Path(path).glob("*.db"):
+        stale.unlink()
+
+
+def _worker_main(
+    config: cfg.Config, config_path: str | None, host: str, port: int, ready: Any, index: int
+) -> None:
+    logging.basicConfig(level=config.log_level, format="%(message)s", stream=sys.stderr)
+
+    def announce() -> None:
+        ready.send(os.getpid())
+
+    code = run_loop(serve(config, config_path, host=host, port=port, reuse_port=True, on_ready=announce))
+    sys.exit(code)
