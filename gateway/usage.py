@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -311,13 +312,14 @@ def _date(params: Mapping[str, str], name: str, default: date) -> date:
     if name not in params:
         return default
     try:
-        return date.fromisoformat(params[name]) if len(params[name]) == 10 else _bad_date(name)
+        if _DAY.fullmatch(params[name]):
+            return date.fromisoformat(params[name])
     except ValueError:
-        return _bad_date(name)
-
-
-def _bad_date(name: str) -> date:
+        pass
     raise ValidationFailed(name, "expected a date as YYYY-MM-DD")
+
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def _names(value: str) -> tuple[str, ...]:

@@ -146,6 +146,7 @@ async def test_group_by_and_csv(gateway: Gateway) -> None:
     [
         ({"start": "2025-13-01"}, "start"),
         ({"start": "2025-1-1"}, "start"),
+        ({"start": "2025-W01-1"}, "start"),
         ({"end": "yesterday"}, "end"),
         ({"start": "2025-02-02", "end": "2025-02-01"}, "start"),
         ({"start": "2020-01-01", "end": "2025-01-01"}, "end"),
