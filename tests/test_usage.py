@@ -344,3 +344,9 @@ async def test_serve_writes_the_tally_on_sigterm(redis_url: str, state_client: A
     got = await RedisUsageStore(state_client, retention_s=60).read(["team-a"], [TODAY])
     tally = got[("team-a", MODEL, TODAY)]
     assert (tally.requests, tally.inputs, tally.hits, tally.misses) == (3, 6, 2, 4)
+
+
+def test_tally_add_covers_every_field() -> None:
+    tally = Tally(**dict.fromkeys(FIELDS, 1))  # type: ignore[arg-type]
+    tally.add(Tally(**dict.fromkeys(FIELDS, 2)))  # type: ignore[arg-type]
+    assert tally.as_dict() == dict.fromkeys(FIELDS, 3)
