@@ -129,13 +129,16 @@ class Metrics:
     def prime(self, teams: Iterable[tuple[str, Mapping[str, int | None]]]) -> None:
         """Creates the series known up front at 0, so rate() sees their first increment and panels show 0.
 
-        `teams` is (team name, {policy: limit or None}) per team.
+        `teams` is (team name, {policy: limit or None}) per team. Called again on a config reload: limits
+        follow the new config exactly (a removed policy's limit disappears; its rejection count stays).
         """
+        limits: dict[tuple[str, ...], float] = {}
         for name, policies in teams:
             for policy, limit in policies.items():
                 if limit is not None:
                     self.quota_rejections.labels(name, policy)
-                    self.quota_limit.labels(name, policy).set(limit)
+                    limits[(name, policy)] = float(limit)
+        replace(self.quota_limit, limits)
         for store, op in (("cache", "get"), ("cache", "set"), ("state", "usage_flush"), ("state", "usage_read")):
             self.store_errors.labels(store, op)
 

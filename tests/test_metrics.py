@@ -128,3 +128,11 @@ async def test_access_log_is_one_json_line_per_request_without_keys_or_text(
     assert failed["status"] == 502 and failed["model"] == MODEL and failed["inputs"] == 1
     for line in lines:
         assert TEAM_A_KEY not in line and UPSTREAM_KEY not in line and "secret text" not in line
+
+
+def test_priming_again_makes_the_limits_follow_the_new_config() -> None:
+    metrics = Metrics()
+    metrics.prime([("a", {"tokens_per_day": 10, "tokens_per_minute": 5}), ("b", {"tokens_per_day": None})])
+    metrics.prime([("a", {"tokens_per_day": 20, "tokens_per_minute": None})])
+    limits = {tuple(s.labels.values()): s.value for f in metrics.quota_limit.collect() for s in f.samples}
+    assert limits == {("a", "tokens_per_day"): 20}
