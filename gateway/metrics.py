@@ -47,6 +47,7 @@ class Metrics:
         self._add_request_series()
         self._add_upstream_series()
         self._add_state_series()
+        self._add_process_series()
 
     def _add_request_series(self) -> None:
         r = self.registry
@@ -126,6 +127,29 @@ class Metrics:
             "eg_scrape_hook_errors", "Scrape-time hooks that failed or timed out", ["hook"], registry=r
         )
 
+    def _add_process_series(self) -> None:
+        # The registry is per app, so prometheus-client's default process collector is not in it; these are
+        # what a soak test or a leak alert watches (livesum: summed over `serve --workers` processes).
+        r = self.registry
+        self.process_tasks = Gauge(
+            "eg_process_asyncio_tasks", "asyncio tasks alive in the process", registry=r, multiprocess_mode="livesum"
+        )
+        self.process_rss = Gauge(
+            "eg_process_resident_memory_bytes", "Resident set size", registry=r, multiprocess_mode="livesum"
+        )
+        self.process_fds = Gauge(
+            "eg_process_open_fds", "Open file descriptors, sockets included", ["kind"], registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.on_scrape(self._process_snapshot, name="process")
+
+    async def _process_snapshot(self) -> None:
+        self.process_tasks.set(len(asyncio.all_tasks()))
+        rss, fds = process_figures()
+        if rss is not None:
+            self.process_rss.set(rss)
+        replace(self.process_fds, {(kind,): n for kind, n in fds.items()})
+
     def prime(self, teams: Iterable[tuple[str, Mapping[str, int | None]]]) -> None:
         """Creates the series known up front at 0, so rate() sees their first increment and panels show 0.
 
@@ -166,6 +190,24 @@ class Metrics:
         merged = CollectorRegistry(auto_describe=False)
         merged.register(_Merged(self.registry, self.multiprocess_dir))
         return generate_latest(merged)
+
+
+def process_figures(pid: int | str = "self") -> tuple[int | None, dict[str, int]]:
+    """RSS in bytes and open descriptors by kind (socket, other) of a process, from /proc (Linux only)."""
+    rss = None
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None, {}
+    fds = {"socket": 0, "other": 0}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            kind = "socket" if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") else "other"
+        except OSError:
+            continue  # closed while we looked
+        fds[kind] += 1
+    return rss, fds
 
 
 def replace(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
