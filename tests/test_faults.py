@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import orjson
 import pytest
@@ -354,3 +358,32 @@ async def test_client_sending_its_body_slowly(rig_factory: Callable[..., Awaitab
     (ok,) = await rig.load([{"model": MODEL, "input": ["quick enough"]}])
     assert ok.status == 200
     assert_no_leak(before, await rig.settle())
+
+
+# ---- what a soak or a leak alert watches -------------------------------------------------------------------
+
+
+async def test_process_gauges_are_exported(rig_factory: Callable[..., Awaitable[Rig]]) -> None:
+    rig = await rig_factory()
+    async with aiohttp.ClientSession() as session, session.get(
+        str(rig.client.make_url("/metrics")), headers={"Authorization": "Bearer metrics-token"}
+    ) as resp:
+        text = await resp.text()
+    lines = [line.split(" ") for line in text.splitlines() if line.startswith("eg_process")]
+    values = {name: float(value) for name, value in lines}
+    assert values["eg_process_asyncio_tasks"] >= 1
+    assert values["eg_process_resident_memory_bytes"] > 10 * 2**20
+    assert values['eg_process_open_fds{kind="socket"}'] >= 2  # the gateway's and the simulator's listeners
+
+
+@pytest.mark.slow
+def test_soak_script_runs_and_reports() -> None:
+    """A 15-second soak, so the script keeps working; the 10-minute run is done by hand (README)."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "soak.py"), "--minutes", "0.25", "--warmup-minutes", "0.1",
+         "--interval-s", "3", "--concurrency", "8", "--max-rss-growth", "1.0"],
+        capture_output=True, text=True, timeout=120, cwd=root,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "soak: PASS" in out.stdout and '"rss_mib_end"' in out.stdout
