@@ -53,6 +53,7 @@ def create_app(
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/v1/usage", handlers.usage)
+    app.router.add_get("/openapi.json", handlers.openapi)
     return app
 
 

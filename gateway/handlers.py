@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import appkeys as K
+from . import openapi as openapi_doc
 from .auth import Principal
 from .errors import Forbidden, PayloadTooLarge, RequestTimeout, StateUnavailable
 from .protocol import parse_embedding_request, parse_json_object, render_embeddings
@@ -97,6 +98,11 @@ def _account(request: web.Request, team: str, model: str, inputs: int, outcome: 
     request[K.LOG_FIELDS].update(
         hits=outcome.hits, misses=outcome.misses, joined=outcome.joined, upstream_tokens=outcome.upstream_tokens,
     )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The gateway's own OpenAPI document; like every route but the probes, it needs a key."""
+    return web.Response(body=openapi_doc.served(), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
