@@ -102,6 +102,10 @@ class StateUnavailable(GatewayError):
     status = 503
     code = "STATE_UNAVAILABLE"
 
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        # Like every 503 the gateway sends: clients and their retry libraries read when to come back.
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
 
 class UpstreamRejected(GatewayError):
     """The upstream refused the request (4xx other than 429): its status and body are passed through."""
