@@ -29,7 +29,7 @@ from gateway import config as cfg
 from gateway.app import create_app
 from gateway.sim import Fault, SimConfig, Simulator, start_sim
 
-from .conftest import TEAM_A_KEY, base_config, merge
+from .conftest import ADMIN_KEY, TEAM_A_KEY, base_config, merge
 from .redis_server import RedisServer
 from .reliability import Answer, Resources, assert_error_shape, fire, record, resources, tally, vectors_of
 
@@ -65,6 +65,13 @@ class Rig:
         return await fire(
             self.url, bodies, TEAM_A_KEY, outer_timeout_s=OUTER_S, concurrency=concurrency, halfway=halfway
         )
+
+    async def load_usage(self) -> Answer:
+        """`GET /v1/usage` of every team (admin key), answered whatever its status."""
+        async with aiohttp.ClientSession() as session, session.get(
+            str(self.client.make_url("/v1/usage")), headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ) as resp:
+            return Answer(resp.status, dict(resp.headers), await resp.read())
 
     async def settle(self) -> Resources:
         """Waits until the gateway is idle (no flight, no open client connection), then takes a snapshot."""
@@ -276,6 +283,62 @@ async def test_cache_redis_killed_and_restarted_under_load(
     after = await rig.settle()
     assert after.sockets["cache-redis"] <= 16, after  # the pool: at most one per concurrent request
     assert_no_leak(before, after)
+
+
+# ---- the state Redis ---------------------------------------------------------------------------------------
+
+
+async def test_state_redis_killed_and_restarted_under_load_loses_no_usage(
+    rig_factory: Callable[..., Awaitable[Rig]],
+) -> None:
+    """Usage is tallied in process and flushed; while the state Redis is down requests still succeed, the usage
+    API says 503, and once it is back every request is counted exactly once (an AOF-backed Redis, as in prod)."""
+    state = RedisServer(None, "--appendonly", "yes", "--appendfsync", "always").start()
+    try:
+        rig = await rig_factory(
+            state={"url": state.url, "socket_timeout_s": 0.5}, usage={"flush_interval_s": 0.05}
+        )
+        rig.ports[state.port] = "state-redis"
+        name = "state Redis killed and restarted"
+        sent: list[Answer] = []
+        record(name, answers := await rig.load(bodies("state warm", 20)))
+        sent += answers
+        before = await rig.settle()
+
+        halfway = asyncio.Event()
+        outage = bodies("state outage", 200, distinct=300)
+        load = asyncio.ensure_future(rig.load(outage, concurrency=16, halfway=halfway))
+        await halfway.wait()
+        state.stop()
+        record(name, answers := await load)
+        sent += answers
+        record(name, answers := await rig.load(bodies("state down", 20)))
+        sent += answers
+        during = await rig.load_usage()
+        record(name, [during])
+        assert_error_shape(during, {503: {"STATE_UNAVAILABLE"}})
+
+        state.start()
+        expected = {
+            "requests": len(sent),
+            "inputs": sum(len(a.json()["data"]) for a in sent),
+            "hits": sum(int(a.headers["X-Cache-Hits"]) for a in sent),
+            "misses": sum(int(a.headers["X-Cache-Misses"]) for a in sent),
+            "joined": sum(int(a.headers["X-Cache-Joined"]) for a in sent),
+            "upstream_tokens": sum(int(a.headers["X-Upstream-Tokens"]) for a in sent),
+        }
+        assert all(a.status == 200 for a in sent)
+        for _ in range(100):  # the client reconnects on its own; the next flush writes the backlog
+            report = await rig.load_usage()
+            if report.status == 200:
+                break
+            await asyncio.sleep(0.05)
+        record(name, [report])
+        total = report.json()["total"]
+        assert {k: total[k] for k in expected} == expected
+        assert_no_leak(before, await rig.settle())
+    finally:
+        state.cleanup()
 
 
 # ---- clients -----------------------------------------------------------------------------------------------
