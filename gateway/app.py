@@ -17,12 +17,14 @@ from . import handlers
 from .cache import EmbeddingCache
 from .coalescer import Coalescer
 from .live import LiveConfig
-from .metrics import Metrics
+from .metrics import Metrics, replace
 from .middleware import access_middleware, auth_middleware, error_middleware
+from .pacing import MemoryPacingBackend, Pacer, PacingBackend, RedisPacingBackend, budget_id
+from .quota import MemoryQuotaBackend, QuotaBackend, QuotaGate, RedisQuotaBackend
 from .service import EmbeddingService
 from .sim import SimConfig, Simulator, start_sim
 from .store import open_cache_store
-from .store.redis import connect
+from .store.redis import connect, preload_scripts
 from .upstream import UpstreamClient
 from .usage import MemoryUsageStore, RedisUsageStore, UsageRecorder, UsageStore
 
@@ -83,16 +85,20 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     app[K.STATE_REDIS] = state_redis
     usage = _usage_recorder(config, state_redis, metrics)
     app[K.USAGE] = usage
+    if state_redis is not None:
+        await preload_scripts(state_redis)
+    quota = _quota(app, state_redis)
+    app[K.QUOTA] = quota
     connector = aiohttp.TCPConnector(limit=max(100, config.upstream.limits.max_concurrency * 2))
     async with aiohttp.ClientSession(connector=connector) as session:
-        upstream = UpstreamClient(session, config.upstream, base_url, metrics)
+        upstream = UpstreamClient(session, config.upstream, base_url, metrics, pacer=_pacer(app, state_redis))
         coalescer = Coalescer(
             upstream, cache, config.coalesce, config.upstream, metrics,
             call_budget_s=config.limits.request_timeout_s,
         )
         app[K.COALESCER] = coalescer
         live.on_change(coalescer.reconfigure)
-        app[K.SERVICE] = EmbeddingService(cache, coalescer, scope=config.cache.scope)
+        app[K.SERVICE] = EmbeddingService(cache, coalescer, scope=config.cache.scope, admission=quota)
         try:
             yield
         finally:
@@ -133,6 +139,37 @@ def _state_client(state: cfg.State) -> Any:
     if state.url.startswith("memory://"):
         return None
     return connect(state.url, socket_timeout_s=state.socket_timeout_s, options=state.redis)
+
+
+def _quota(app: web.Application, state_redis: Any) -> QuotaGate:
+    live, metrics, clock = app[K.LIVE], app[K.METRICS], app.get(K.CLOCK)
+    backend: QuotaBackend
+    if state_redis is None:
+        backend = MemoryQuotaBackend(clock.time) if clock is not None else MemoryQuotaBackend()
+    else:
+        backend = RedisQuotaBackend(state_redis)
+    quota = QuotaGate(live.config.quota, backend, metrics, clock=clock)
+    live.on_change(quota.reconfigure)
+
+    async def quota_remaining() -> None:
+        replace(metrics.quota_remaining, await quota.remaining_all(live.config.teams))
+
+    metrics.on_scrape(quota_remaining, name="quota_remaining")
+    return quota
+
+
+def _pacer(app: web.Application, state_redis: Any) -> Pacer | None:
+    """Paces the shared key when `upstream.limits` sets a rate; `max_concurrency` stays per process."""
+    config, clock = app[K.LIVE].config, app.get(K.CLOCK)
+    limits = config.upstream.limits
+    if not (limits.requests_per_minute or limits.tokens_per_minute):
+        return None
+    backend: PacingBackend
+    if state_redis is None:
+        backend = MemoryPacingBackend(clock.time) if clock is not None else MemoryPacingBackend()
+    else:
+        backend = RedisPacingBackend(state_redis, budget_id(config.upstream))
+    return Pacer(limits, backend, app[K.METRICS], clock=clock, error_backoff_s=config.quota.error_backoff_s)
 
 
 def _sim_config(s: cfg.SimSettings) -> SimConfig:

@@ -11,6 +11,7 @@ from .cache import EmbeddingCache
 from .coalescer import Coalescer
 from .live import LiveConfig
 from .metrics import Metrics
+from .quota import Clock, QuotaGate
 from .service import EmbeddingService
 from .sim import Simulator
 from .store import CacheStore
@@ -25,6 +26,9 @@ CACHE = web.AppKey("cache", EmbeddingCache)
 COALESCER = web.AppKey("coalescer", Coalescer)
 SERVICE = web.AppKey("service", EmbeddingService)
 USAGE = web.AppKey("usage", UsageRecorder)
+QUOTA = web.AppKey("quota", QuotaGate)
+# A wall clock for quota and pacing instead of the state store's (tests set it before the app starts).
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 # The state store's Redis client (quotas, usage, jobs), or None when `state.url` is memory://.
 STATE_REDIS: web.AppKey[Any] = web.AppKey("state_redis")
 # The in-process simulated upstream when `upstream.url` is `sim://` (tests read its counters).

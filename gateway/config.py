@@ -37,6 +37,9 @@ class UpstreamLimits:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_concurrency: int = 8
+    # Added to the 60-s pacing window: network jitter between the replicas and the upstream must never put
+    # one call too many into one of the upstream's own windows.
+    margin_s: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +150,8 @@ class Team:
 class QuotaSettings:
     cached_token_weight: float = 0.0
     on_store_error: Literal["open", "closed"] = "open"
+    # Seconds the state store is not asked again after an error (the local limiter or 503 answers meanwhile).
+    error_backoff_s: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,6 +257,7 @@ def _check(config: Config) -> None:
         raise ConfigError("upstream.url: must be http://, https:// or sim://")
     for where, url in (("cache.url", config.cache.url), ("state.url", config.state.url)):
         _check_store_url(url, where)
+    _check_limits(config)
 
 
 def _check_store_url(url: str, where: str) -> None:
@@ -272,6 +278,24 @@ def _check_usage(usage: Usage) -> None:
         raise ConfigError("usage.retention_days: must be >= 1")
     if usage.max_query_days < 1:
         raise ConfigError("usage.max_query_days: must be >= 1")
+
+
+def _check_limits(config: Config) -> None:
+    positive = [(f"teams.{i}.quota.{f.name}", getattr(team.quota, f.name))
+                for i, team in enumerate(config.teams) for f in dataclasses.fields(Quota)]
+    positive += [(f"teams.{i}.max_inputs_per_request", t.max_inputs_per_request) for i, t in enumerate(config.teams)]
+    limits = config.upstream.limits
+    positive += [("upstream.limits.requests_per_minute", limits.requests_per_minute),
+                 ("upstream.limits.tokens_per_minute", limits.tokens_per_minute),
+                 ("upstream.limits.max_concurrency", limits.max_concurrency)]
+    for where, value in positive:
+        if value is not None and value < 1:
+            raise ConfigError(f"{where}: must be at least 1, got {value}")
+    for where, number in [("quota.cached_token_weight", config.quota.cached_token_weight),
+                          ("quota.error_backoff_s", config.quota.error_backoff_s),
+                          ("upstream.limits.margin_s", limits.margin_s)]:
+        if number < 0:
+            raise ConfigError(f"{where}: must not be negative, got {number}")
 
 
 def _check_key_hash(key: str, where: str) -> None:

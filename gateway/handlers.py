@@ -13,10 +13,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import appkeys as K
+from . import config as cfg
 from . import openapi as openapi_doc
 from .auth import Principal
-from .errors import Forbidden, PayloadTooLarge, RequestTimeout, StateUnavailable
+from .errors import Forbidden, GatewayError, PayloadTooLarge, RequestTimeout, StateUnavailable
 from .protocol import parse_embedding_request, parse_json_object, render_embeddings
+from .quota import Reservation
 from .service import Outcome
 from .usage import Tally, build_report, parse_query
 
@@ -46,12 +48,21 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    config = request.app[K.LIVE].config
-    started = time.monotonic()
-    principal = principal_of(request)
-    team = principal.team
+    team = principal_of(request).team
     if team is None:
         raise Forbidden("admin keys cannot embed; use a team key")
+    try:
+        return await _embed(request, team)
+    except GatewayError as exc:
+        # Every answer to a team with a quota tells it where it stands; a 429 already carries it.
+        if "RateLimit" not in exc.headers:
+            exc.headers.update(await request.app[K.QUOTA].peek(team))
+        raise
+
+
+async def _embed(request: web.Request, team: cfg.Team) -> web.Response:
+    config = request.app[K.LIVE].config
+    started = time.monotonic()
     body = parse_json_object(await read_body(request))
     max_inputs = config.limits.max_inputs_per_request
     if team.max_inputs_per_request is not None:
@@ -70,12 +81,15 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 def _headers(outcome: Outcome) -> dict[str, str]:
-    return {
+    headers = {
         "X-Cache-Hits": str(outcome.hits),
         "X-Cache-Misses": str(outcome.misses),
         "X-Cache-Joined": str(outcome.joined),
         "X-Upstream-Tokens": str(outcome.upstream_tokens),
     }
+    if isinstance(outcome.reservation, Reservation):
+        headers.update(outcome.reservation.headers)
+    return headers
 
 
 def _account(request: web.Request, team: str, model: str, inputs: int, outcome: Outcome) -> None:

@@ -25,3 +25,18 @@ def usage_day_key(team: str, day: str) -> str:
 def usage_writer_key(team: str, writer: str) -> str:
     """The last flush number applied for `team` from one gateway process, so a retried flush is applied once."""
     return f"{USAGE_PREFIX}{{{team}}}:writer:{writer}"
+
+# Quota state of one team: one hash (bucket levels, window counters), tagged with the team.
+QUOTA_PREFIX = STATE_PREFIX + "q:"
+# Pacing of the shared upstream key: a log (sorted set) and a meta hash, tagged with the upstream budget's id.
+PACING_PREFIX = STATE_PREFIX + "up:"
+
+
+def quota_key(team: str) -> str:
+    return f"{QUOTA_PREFIX}{{{team}}}"
+
+
+def pacing_keys(budget: str) -> tuple[str, str]:
+    """The log and meta keys of one upstream budget (one upstream URL and key)."""
+    tag = f"{PACING_PREFIX}{{{budget}}}"
+    return f"{tag}:log", f"{tag}:meta"

@@ -102,6 +102,14 @@ class Metrics:
             "eg_coalescer_queue_inputs", "Inputs queued or in flight in the coalescer", registry=r,
             multiprocess_mode="livesum",
         )
+        self.pacing_wait_seconds = Histogram(
+            "eg_upstream_pacing_wait_seconds", "Time upstream calls waited for the shared key's budget",
+            buckets=(0.0, *_LATENCY_BUCKETS, 60.0), registry=r,
+        )
+        self.pacing_refusals = Counter(
+            "eg_upstream_pacing_refusals", "Calls refused because the shared key had no room before the deadline",
+            registry=r,
+        )
 
     def _add_state_series(self) -> None:
         r = self.registry

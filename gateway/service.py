@@ -31,10 +31,15 @@ class Outcome:
     duplicates: int = 0  # inputs repeated inside the request (served once)
     upstream_tokens: int = 0  # tokens billed for this request's own misses
     cached_tokens: int = 0  # tokens this request did not pay for (hits and joined)
+    reservation: object = None  # what admission returned (the quota headers ride on it)
 
 
 class Admission(Protocol):
-    """Quota admission: reserve an estimate before the upstream call, reconcile with the actual after."""
+    """Quota admission: reserve an estimate before the upstream call, reconcile with the actual after.
+
+    Called for every request, all-hit ones included (request-rate policies count them; cached tokens may
+    be weighted); `reserve` returns None when there is nothing to reconcile.
+    """
 
     async def reserve(self, team: cfg.Team, *, estimate_tokens: int, cached_tokens: int) -> object: ...
 
@@ -76,8 +81,12 @@ class EmbeddingService:
             else:
                 found[key] = entry
         outcome = Outcome(vectors=[], tokens=0, hits=len(found), duplicates=len(keys) - len(unique))
-        if misses:
-            await self._fetch(team, request, prefix, misses, found, outcome, deadline, priority)
+        outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
+        try:
+            if misses:
+                await self._fetch(team, request, prefix, misses, found, outcome, deadline, priority)
+        finally:
+            await self._reconcile(outcome.reservation, outcome.upstream_tokens)
         outcome.vectors = [_vector(found[k]) for k in keys]
         outcome.tokens = sum(found[k].tokens for k in keys)
         outcome.cached_tokens = sum(found[k].tokens for k in unique) - outcome.upstream_tokens
@@ -94,25 +103,22 @@ class EmbeddingService:
         deadline: float,
         priority: Priority,
     ) -> None:
-        reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
-        actual = 0
-        try:
-            group = xxhash.xxh3_128_digest(prefix)
-            owner = self.coalescer.new_owner()
-            result = await self.coalescer.submit(
-                group, request.params, misses, owner=owner, deadline=deadline, team=team.name, priority=priority
-            )
-            for miss, entry, joined in zip(misses, result.entries, result.joined, strict=True):
-                found[miss.key] = entry
-                if joined:
-                    outcome.joined += 1
-                else:
-                    outcome.misses += 1
-                    actual += entry.tokens
-            outcome.upstream_tokens = actual
-        finally:
-            if reservation is not None and self.admission is not None:
-                await self.admission.reconcile(reservation, actual_tokens=actual)
+        group = xxhash.xxh3_128_digest(prefix)
+        owner = self.coalescer.new_owner()
+        result = await self.coalescer.submit(
+            group, request.params, misses, owner=owner, deadline=deadline, team=team.name, priority=priority
+        )
+        for miss, entry, joined in zip(misses, result.entries, result.joined, strict=True):
+            found[miss.key] = entry
+            if joined:
+                outcome.joined += 1
+            else:
+                outcome.misses += 1
+                outcome.upstream_tokens += entry.tokens
+
+    async def _reconcile(self, reservation: object, actual_tokens: int) -> None:
+        if reservation is not None and self.admission is not None:
+            await self.admission.reconcile(reservation, actual_tokens=actual_tokens)
 
     async def _reserve(self, team: cfg.Team, estimate_tokens: int, found: dict[bytes, Entry]) -> object:
         if self.admission is None:
@@ -131,6 +137,7 @@ class EmbeddingService:
                 tokens=entry.tokens,
                 hits=len(request.items),
                 cached_tokens=entry.tokens,
+                reservation=await self._reserve(team, 0, {key: entry}),
             )
         reservation = await self._reserve(team, sum(estimate(i) for i in request.items), {})
         actual = 0
@@ -140,8 +147,7 @@ class EmbeddingService:
             )
             actual = 0 if joined else entry.tokens
         finally:
-            if reservation is not None and self.admission is not None:
-                await self.admission.reconcile(reservation, actual_tokens=actual)
+            await self._reconcile(reservation, actual)
         return Outcome(
             vectors=list(entry.vectors),
             tokens=entry.tokens,
@@ -149,6 +155,7 @@ class EmbeddingService:
             joined=len(request.items) if joined else 0,
             upstream_tokens=actual,
             cached_tokens=entry.tokens - actual,
+            reservation=reservation,
         )
 
 

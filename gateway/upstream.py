@@ -23,7 +23,9 @@ import orjson
 from . import config as cfg
 from .errors import UpstreamFailed, UpstreamRateLimited, UpstreamRejected, UpstreamTimeout
 from .metrics import Metrics
+from .pacing import Pacer
 from .protocol import Item
+from .tokens import estimate
 
 log = logging.getLogger("gateway.upstream")
 
@@ -48,9 +50,16 @@ class _Retryable(Exception):
 
 class UpstreamClient:
     def __init__(
-        self, session: aiohttp.ClientSession, config: cfg.Upstream, base_url: str, metrics: Metrics
+        self,
+        session: aiohttp.ClientSession,
+        config: cfg.Upstream,
+        base_url: str,
+        metrics: Metrics,
+        *,
+        pacer: Pacer | None = None,
     ) -> None:
         self.session = session
+        self.pacer = pacer
         self.config = config
         self.url = base_url.rstrip("/") + "/embeddings"
         self.metrics = metrics
@@ -65,15 +74,19 @@ class UpstreamClient:
         body = orjson.dumps({**params, "input": items, self._format_field: "base64"})
         model = str(params.get("model", ""))
         self.metrics.upstream_batch_inputs.labels(model).observe(len(items))
+        tokens = sum(estimate(item) for item in items) if self.pacer is not None else 0
         attempt = 0
         while True:
             try:
-                result = await self._attempt(body, model, len(items), deadline)
+                result = await self._attempt(body, model, len(items), tokens, deadline)
                 self.metrics.upstream_tokens.labels(model).inc(result.tokens)
                 return result
             except _Retryable as exc:
                 attempt += 1
                 delay = self._backoff(attempt, exc.retry_after)
+                if exc.status == 429 and self.pacer is not None:
+                    # The key itself is limited: keep every replica off it, not only this call.
+                    await self.pacer.hold(exc.retry_after or delay)
                 if attempt > self.config.max_retries or time.monotonic() + delay >= deadline:
                     raise self._give_up(exc) from None
                 self.metrics.upstream_retries.labels(exc.reason).inc()
@@ -93,7 +106,14 @@ class UpstreamClient:
             return UpstreamTimeout("the upstream did not answer in time")
         return UpstreamFailed(f"the upstream failed: {exc.reason}")
 
-    async def _attempt(self, body: bytes, model: str, n: int, deadline: float) -> UpstreamResult:
+    async def _attempt(self, body: bytes, model: str, n: int, tokens: int, deadline: float) -> UpstreamResult:
+        async with self._slots:
+            if self.pacer is not None:
+                # Inside the slot: a call must not sleep for its turn and then queue for a slot past it.
+                await self.pacer.acquire(tokens, deadline)
+            return await self._post(body, model, n, deadline)
+
+    async def _post(self, body: bytes, model: str, n: int, deadline: float) -> UpstreamResult:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Retryable("timeout")
@@ -101,9 +121,7 @@ class UpstreamClient:
         started = time.perf_counter()
         status = "error"
         try:
-            async with self._slots, self.session.post(
-                self.url, data=body, headers=self._headers, timeout=timeout
-            ) as resp:
+            async with self.session.post(self.url, data=body, headers=self._headers, timeout=timeout) as resp:
                 status = str(resp.status)
                 raw = await resp.read()
                 return self._answer(resp.status, resp.headers, raw, n)

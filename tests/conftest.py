@@ -100,14 +100,19 @@ Gateway = Callable[..., Awaitable[TestClient]]
 def gateway(aiohttp_client: Any) -> Gateway:
     """`await gateway(config_overrides..., sim=SimConfig(...))` → a test client of a started gateway app.
 
-    The app's simulator is `client.app[K.SIMULATOR]`.
+    The app's simulator is `client.app[K.SIMULATOR]`; several apps may share one (`simulator=`). `clock=`
+    replaces the wall clock of quota and pacing (see tests/clock.py).
     """
     from gateway.app import create_app
 
-    async def make(sim: SimConfig | None = None, **overrides: Any) -> TestClient:
+    async def make(
+        sim: SimConfig | None = None, *, simulator: Simulator | None = None, clock: Any = None, **overrides: Any
+    ) -> TestClient:
         config = cfg.build(cfg.Config, base_config(**overrides), "")
-        simulator = Simulator(sim or SimConfig())
-        client: TestClient = await aiohttp_client(create_app(config, simulator=simulator))
+        app = create_app(config, simulator=simulator or Simulator(sim or SimConfig()))
+        if clock is not None:
+            app[K.CLOCK] = clock
+        client: TestClient = await aiohttp_client(app)
         return client
 
     return make

@@ -9,6 +9,7 @@ The sentinel password, when the sentinels have one, goes in the query: `?sentine
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -20,9 +21,24 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
 
 from ..config import RedisOptions
 from ..keys import CACHE_PREFIX
+
+try:  # redis-py >= 8 reads its package metadata for every new connection (~5 ms each) unless given this once
+    from redis.driver_info import DriverInfo
+
+    _DRIVER: dict[str, Any] = {"driver_info": DriverInfo()}
+except ImportError:  # pragma: no cover - older redis-py
+    _DRIVER = {}
+
+log = logging.getLogger("gateway.store")
+# The longest a command waits for a pooled connection. redis-py's default pool raises MaxConnectionsError once
+# `max_connections` commands are in flight, which one burst of requests reaches: the cache would be bypassed
+# and quotas would fail over exactly when the load is highest. Waiting for a connection is queueing inside this
+# process, not a sick Redis (the socket timeout catches that), so the wait may be longer than a command.
+POOL_WAIT_S = 5.0
 
 SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://", "redis+cluster://",
            "rediss+cluster://")
@@ -99,11 +115,13 @@ def connect(url: str, *, socket_timeout_s: float, options: RedisOptions | None =
                        opts.retries),
         "decode_responses": False,
         "max_connections": opts.max_connections,
+        **_DRIVER,
     }
     if target.tls:
         kwargs.update(_tls(opts, target.kind))
     if target.kind == "plain":
-        return aioredis.Redis.from_url(url, **kwargs)
+        pool = aioredis.BlockingConnectionPool.from_url(url, timeout=max(POOL_WAIT_S, socket_timeout_s), **kwargs)
+        return aioredis.Redis.from_pool(pool)
     if target.kind == "cluster":
         nodes = [ClusterNode(host, port) for host, port in target.hosts]
         return RedisCluster(startup_nodes=nodes, username=target.username, password=target.password, **kwargs)
@@ -182,3 +200,16 @@ class RedisCacheStore:
 def read_lua(name: str) -> str:
     """The text of `gateway/store/lua/<name>`, for `register_script`."""
     return resources.files("gateway.store").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+async def preload_scripts(client: Any) -> None:
+    """SCRIPT LOAD every script once at start-up, so the first burst is not a storm of NOSCRIPT retries.
+
+    A store that is down now is not an error: `register_script` loads them on first use anyway.
+    """
+    lua = resources.files("gateway.store").joinpath("lua")
+    try:
+        for name in sorted(p.name for p in lua.iterdir() if p.name.endswith(".lua")):
+            await client.script_load(read_lua(name))
+    except (RedisError, OSError) as exc:
+        log.warning("could not preload Lua scripts into the state store (%s); they load on first use", exc)

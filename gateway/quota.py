@@ -1,0 +1,370 @@
+"""Per-team quotas shared by every replica: reserve before the upstream call, reconcile after, 429 with an
+exact Retry-After, and the IETF draft `RateLimit` / `RateLimit-Policy` headers.
+
+Minute limits are token buckets (GCRA's twin: one level per policy that drains at `limit` per 60 s, capacity
+one minute's quota). Chosen over a sliding-window log because a bucket is O(1) state per team (a log of every
+reservation would grow with the traffic and make refunds a search), because refunds and charges at reconcile
+are one addition, and because the exact moment a request fits is one division, which is what `Retry-After`
+promises. The price: after an idle spell a team may spend its whole minute at once and then the refill, so
+any 60 s can see up to twice the limit; the sustained rate is exactly the limit. Day and month quotas are
+fixed windows on UTC calendar boundaries, as people read invoices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any, Literal, Protocol
+
+from redis.exceptions import RedisError
+
+from . import config as cfg
+from .errors import Overloaded, PayloadTooLarge, QuotaExceeded
+from .keys import quota_key
+from .metrics import QUOTA_POLICIES, Metrics
+from .store.redis import read_lua
+
+log = logging.getLogger("gateway.quota")
+
+POLICIES = QUOTA_POLICIES  # the `Quota` config fields, in the order the Lua script takes them
+PERIOD_MS = 60_000
+DAY_MS = 86_400_000
+# What a state store failure looks like from redis-py (refused, reset, timed out, NOSCRIPT lost...).
+STORE_ERRORS = (RedisError, OSError)
+_EPOCH = date(1970, 1, 1)
+
+Mode = Literal["admit", "adjust"]
+
+
+class Clock(Protocol):
+    """Wall-clock time (Unix seconds) and sleeping; tests inject one instead of sleeping."""
+
+    def time(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A team's policies in `POLICIES` order; 0 = no such policy."""
+
+    values: tuple[int, int, int, int]
+
+    @classmethod
+    def of(cls, quota: cfg.Quota) -> Limits:
+        return cls(tuple(getattr(quota, name) or 0 for name in POLICIES))  # type: ignore[arg-type]
+
+    def __bool__(self) -> bool:
+        return any(self.values)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One admission's answer, the same from both backends."""
+
+    admitted: bool
+    blocking: int  # index into POLICIES of the policy that waits longest, -1 when admitted
+    wait_ms: int
+    now_ms: int
+    day: int  # UTC day number (days since 1970-01-01)
+    month: int  # day number of the first day of the UTC month
+    states: tuple[tuple[int, int], ...]  # per policy: (remaining, ms until fully reset)
+
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> Verdict:
+        v = [int(x) for x in reply]
+        states = tuple((v[6 + 2 * i], v[7 + 2 * i]) for i in range(4))
+        return cls(bool(v[0]), v[1] - 1, v[2], v[3], v[4], v[5], states)
+
+
+class QuotaBackend(Protocol):
+    """Checks and debits all of a team's policies at once (`admit`), or adds a signed difference (`adjust`)."""
+
+    async def run(
+        self, team: str, limits: Limits, *, mode: Mode, requests: int, tokens: int,
+        reserved: tuple[int, int] = (0, 0), now_ms: int | None = None,
+    ) -> Verdict: ...
+
+
+# ---- the semantics, in process (the memory backend, and the reference for quota.lua) -----------------------
+
+
+def month_bounds(day: int) -> tuple[int, int]:
+    """Day numbers of the first day of `day`'s UTC month and of the next month."""
+    d = _EPOCH + timedelta(days=day)
+    first = date(d.year, d.month, 1)
+    following = date(d.year + d.month // 12, d.month % 12 + 1, 1)
+    return (first - _EPOCH).days, (following - _EPOCH).days
+
+
+@dataclass(slots=True)
+class TeamState:
+    t: int | None = None  # last update, ms
+    levels: list[int] = field(default_factory=lambda: [0, 0])  # buckets, scaled by PERIOD_MS
+    day: int = -1
+    day_used: int = 0
+    month: int = -1
+    month_used: int = 0
+
+
+def evaluate(
+    state: TeamState, now: int, limits: Limits, mode: Mode, requests: int, tokens: int, reserved: tuple[int, int]
+) -> Verdict:
+    """Mutates `state` exactly as quota.lua mutates the team's hash, and answers what it answers."""
+    lim = limits.values
+    elapsed = max(0, now - (state.t if state.t is not None else now))
+    levels = [max(0, state.levels[i] - elapsed * lim[i]) if lim[i] else 0 for i in range(2)]
+    day = now // DAY_MS
+    month, month_end = month_bounds(day)
+    window = (0, 0, day, month)
+    ends = (0, 0, (day + 1) * DAY_MS, month_end * DAY_MS)
+    used = [0, 0, state.day_used if state.day == day else 0, state.month_used if state.month == month else 0]
+    admitted, blocking, wait = True, -1, 0
+    if mode == "admit":
+        cost = (requests, tokens, tokens, tokens)
+        for i in range(4):
+            w = _wait(i, lim[i], cost[i], levels[i] if i < 2 else used[i], ends[i] - now)
+            if w > wait:
+                admitted, blocking, wait = False, i, w
+        if admitted:
+            for i in range(4):
+                if lim[i] and i < 2:
+                    levels[i] += cost[i] * PERIOD_MS
+                elif lim[i]:
+                    used[i] += cost[i]
+    else:
+        if lim[1]:
+            levels[1] = max(0, levels[1] + tokens * PERIOD_MS)
+        for i in (2, 3):
+            if lim[i] and (tokens > 0 or reserved[i - 2] == window[i]):
+                used[i] = max(0, used[i] + tokens)
+    state.t = max(now, state.t if state.t is not None else now)
+    state.levels, state.day, state.day_used, state.month, state.month_used = levels, day, used[2], month, used[3]
+    states = tuple(_state(i, lim[i], levels[i] if i < 2 else used[i], ends[i] - now) for i in range(4))
+    return Verdict(admitted, blocking, wait, now, day, month, states)
+
+
+def _wait(i: int, limit: int, cost: int, level: int, to_window_end: int) -> int:
+    """Milliseconds until `cost` fits policy `i` (0 = fits now)."""
+    if not limit or cost <= 0:
+        return 0
+    if i < 2:
+        over = level + cost * PERIOD_MS - limit * PERIOD_MS
+        return -(-over // limit) if over > 0 else 0
+    return to_window_end if level + cost > limit else 0
+
+
+def _state(i: int, limit: int, level: int, to_window_end: int) -> tuple[int, int]:
+    if not limit:
+        return 0, 0
+    if i < 2:
+        return max(0, (limit * PERIOD_MS - level) // PERIOD_MS), -(-level // limit)
+    return max(0, limit - level), to_window_end
+
+
+class MemoryQuotaBackend:
+    """The in-process backend: state of `memory://`, and the local limiter when the state store is down."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._teams: dict[str, TeamState] = {}
+
+    async def run(
+        self, team: str, limits: Limits, *, mode: Mode, requests: int, tokens: int,
+        reserved: tuple[int, int] = (0, 0), now_ms: int | None = None,
+    ) -> Verdict:
+        now = now_ms if now_ms is not None else math.floor(self.clock() * 1000)
+        state = self._teams.setdefault(team, TeamState())
+        return evaluate(state, now, limits, mode, requests, tokens, reserved)
+
+
+class RedisQuotaBackend:
+    """One Lua script per admission over the team's `{team}`-tagged hash, with Redis TIME as the clock."""
+
+    def __init__(self, client: Any) -> None:
+        self._script = client.register_script(read_lua("quota.lua"))
+
+    async def run(
+        self, team: str, limits: Limits, *, mode: Mode, requests: int, tokens: int,
+        reserved: tuple[int, int] = (0, 0), now_ms: int | None = None,
+    ) -> Verdict:
+        args = ["" if now_ms is None else now_ms, mode, *limits.values, requests, tokens, *reserved]
+        return Verdict.from_reply(await self._script(keys=[quota_key(team)], args=args))
+
+
+# ---- admission: what EmbeddingService calls ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Reservation:
+    team: str
+    limits: Limits
+    charged: int  # tokens reserved: the misses' estimate plus the weighted cached tokens
+    cached_charge: int
+    windows: tuple[int, int]  # the UTC day and month the tokens were reserved in
+    local: bool  # reserved on the local limiter (state store down, on_store_error: open)
+    headers: dict[str, str]
+
+
+class QuotaGate:
+    """Implements `service.Admission`: 413 for what can never fit, 429 for what does not fit now."""
+
+    def __init__(
+        self,
+        settings: cfg.QuotaSettings,
+        backend: QuotaBackend,
+        metrics: Metrics,
+        *,
+        clock: Clock | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self.clock = clock
+        self.monotonic = monotonic
+        self.local = MemoryQuotaBackend(clock.time if clock is not None else time.time)
+        self._retry_store_at = 0.0
+        self._store_down = False
+
+    async def reserve(self, team: cfg.Team, *, estimate_tokens: int, cached_tokens: int) -> Reservation | None:
+        limits = Limits.of(team.quota)
+        if not limits:
+            return None
+        cached_charge = math.ceil(self.settings.cached_token_weight * cached_tokens)
+        charge = estimate_tokens + cached_charge
+        self._check_fits(team, limits, charge)
+        verdict, local = await self._run(team.name, limits, mode="admit", requests=1, tokens=charge)
+        headers = rate_limit_headers(limits, verdict)
+        if not verdict.admitted:
+            raise self._refusal(team, verdict, charge, headers)
+        windows = (verdict.day, verdict.month)
+        return Reservation(team.name, limits, charge, cached_charge, windows, local, headers)
+
+    async def reconcile(self, reservation: object, *, actual_tokens: int) -> None:
+        """Refunds or charges what the estimate got wrong; never fails the request it follows."""
+        assert isinstance(reservation, Reservation)
+        diff = actual_tokens + reservation.cached_charge - reservation.charged
+        if diff == 0:
+            return
+        kwargs: dict[str, Any] = {"mode": "adjust", "requests": 0, "tokens": diff, "reserved": reservation.windows}
+        if reservation.local:
+            await self.local.run(reservation.team, reservation.limits, now_ms=self._now(), **kwargs)
+            return
+        try:
+            await self.backend.run(reservation.team, reservation.limits, now_ms=self._now(), **kwargs)
+        except STORE_ERRORS as exc:
+            self._store_failed(exc, "reconcile")
+
+    def reconfigure(self, config: cfg.Config) -> None:
+        """A reload: `quota.*` settings apply from the next request (team policies travel with each team)."""
+        self.settings = config.quota
+
+    async def remaining_all(self, teams: Iterable[cfg.Team]) -> dict[tuple[str, str], int]:
+        """(team, policy) → units left now, from the shared store (for the `eg_quota_remaining` gauge).
+
+        Store errors propagate: a scrape hook that fails leaves the gauge as it was instead of local guesses.
+        """
+        shared = [(t.name, Limits.of(t.quota)) for t in teams if Limits.of(t.quota)]
+        now_ms = self._now()
+        verdicts = await asyncio.gather(*(
+            self.backend.run(name, limits, mode="admit", requests=0, tokens=0, now_ms=now_ms)
+            for name, limits in shared
+        ))
+        return {
+            (name, policy): verdict.states[i][0]
+            for (name, limits), verdict in zip(shared, verdicts, strict=True)
+            for i, policy in enumerate(POLICIES) if limits.values[i]
+        }
+
+    async def peek(self, team: cfg.Team) -> dict[str, str]:
+        """The team's headers without spending anything (for answers that never reached admission)."""
+        limits = Limits.of(team.quota)
+        if not limits:
+            return {}
+        try:
+            verdict, _ = await self._run(team.name, limits, mode="admit", requests=0, tokens=0)
+        except Overloaded:
+            return {}
+        return rate_limit_headers(limits, verdict)
+
+    def _check_fits(self, team: cfg.Team, limits: Limits, charge: int) -> None:
+        for name, limit in zip(POLICIES[1:], limits.values[1:], strict=True):
+            if limit and charge > limit:
+                self.metrics.quota_rejections.labels(team.name, name).inc()
+                raise PayloadTooLarge(
+                    f"this request needs about {charge} tokens but team {team.name!r} has {name} = {limit}: "
+                    "it could never be admitted; split its inputs over several requests",
+                    code="QUOTA_REQUEST_TOO_LARGE",
+                )
+
+    def _refusal(self, team: cfg.Team, verdict: Verdict, charge: int, headers: dict[str, str]) -> QuotaExceeded:
+        policy = POLICIES[verdict.blocking]
+        self.metrics.quota_rejections.labels(team.name, policy).inc()
+        retry_after = max(1, math.ceil(verdict.wait_ms / 1000))
+        if verdict.blocking == 0:
+            code, what = "RATE_REQUEST_LIMIT_EXCEEDED", "1 request"
+        else:
+            code, what = "RATE_TOKEN_LIMIT_EXCEEDED", f"about {charge} tokens"
+        exc = QuotaExceeded(
+            policy, retry_after,
+            f"team {team.name!r} is over its {policy} quota ({verdict.states[verdict.blocking][0]} left, "
+            f"this request needs {what}); retry in {retry_after} s",
+            code=code,
+        )
+        exc.headers.update(headers)
+        return exc
+
+    async def _run(self, team: str, limits: Limits, **kwargs: Any) -> tuple[Verdict, bool]:
+        now_ms = self._now()
+        if self.monotonic() >= self._retry_store_at:
+            try:
+                verdict = await self.backend.run(team, limits, now_ms=now_ms, **kwargs)
+            except STORE_ERRORS as exc:
+                self._store_failed(exc, "quota")
+            else:
+                self._store_ok()
+                return verdict, False
+        if self.settings.on_store_error == "closed":
+            raise Overloaded(
+                "the quota store is unavailable; retry shortly",
+                retry_after=max(1, math.ceil(self.settings.error_backoff_s)), code="QUOTA_STORE_UNAVAILABLE",
+            )
+        return await self.local.run(team, limits, now_ms=now_ms, **kwargs), True
+
+    def _now(self) -> int | None:
+        return None if self.clock is None else round(self.clock.time() * 1000)
+
+    def _store_failed(self, exc: BaseException, op: str) -> None:
+        self.metrics.store_errors.labels("state", op).inc()
+        self._retry_store_at = self.monotonic() + self.settings.error_backoff_s
+        if not self._store_down:
+            self._store_down = True
+            how = "admits with the local limiter" if self.settings.on_store_error == "open" else "answers 503"
+            log.warning("state store unreachable (%s: %s); quota %s", type(exc).__name__, exc, how)
+
+    def _store_ok(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            log.warning("state store reachable again; quota is shared by the fleet again")
+
+
+def rate_limit_headers(limits: Limits, verdict: Verdict) -> dict[str, str]:
+    """`RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers): one item per policy."""
+    month_start, month_end = month_bounds(verdict.day)
+    windows = (60, 60, 86_400, (month_end - month_start) * 86_400)
+    policies, states = [], []
+    for i, name in enumerate(POLICIES):
+        limit = limits.values[i]
+        if not limit:
+            continue
+        unit = "" if i == 0 else ';qu="tokens"'
+        policies.append(f'"{name}";q={limit}{unit};w={windows[i]}')
+        remaining, reset_ms = verdict.states[i]
+        states.append(f'"{name}";r={remaining};t={-(-reset_ms // 1000)}')
+    return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)}
