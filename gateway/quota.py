@@ -265,7 +265,7 @@ class QuotaGate:
         """A reload: `quota.*` settings apply from the next request (team policies travel with each team)."""
         self.settings = config.quota
 
-    async def remaining_all(self, teams: Iterable[cfg.Team]) -> dict[tuple[str, str], int]:
+    async def remaining_all(self, teams: Iterable[cfg.Team]) -> dict[tuple[str, ...], float]:
         """(team, policy) → units left now, from the shared store (for the `eg_quota_remaining` gauge).
 
         Store errors propagate: a scrape hook that fails leaves the gauge as it was instead of local guesses.
