@@ -78,6 +78,7 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self.workers.set(1)
+        self.active = InFlight(self.in_flight)
 
     def _add_upstream_series(self) -> None:
         r = self.registry
@@ -226,6 +227,30 @@ def replace(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
     gauge.clear()
     for labels, value in values.items():
         gauge.labels(*labels).set(value)
+
+
+class InFlight:
+    """API requests being handled (also the `eg_requests_in_flight` gauge); `idle()` waits until there are none."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+        self.gauge.inc()
+
+    def leave(self) -> None:
+        self.count -= 1
+        self.gauge.dec()
+        if not self.count:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
 
 
 class _Merged:

@@ -48,10 +48,10 @@ def access_middleware() -> Middleware:
         fields: dict[str, object] = {}
         request[K.LOG_FIELDS] = fields
         status = 500
-        # Probes and scrapes are not work: the gauge says what a drain still waits for.
-        in_flight = None if request.path in PROBE_PATHS else request.app[K.METRICS].in_flight
+        # Probes and scrapes are not work: the count is what a drain waits for.
+        in_flight = None if request.path in PROBE_PATHS else request.app[K.METRICS].active
         if in_flight is not None:
-            in_flight.inc()
+            in_flight.enter()
         try:
             response = await handler(request)
             status = response.status
@@ -59,7 +59,7 @@ def access_middleware() -> Middleware:
             return response
         finally:
             if in_flight is not None:
-                in_flight.dec()
+                in_flight.leave()
             _observe(request, request_id, status, time.perf_counter() - started, fields)
 
     return impl

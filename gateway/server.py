@@ -29,6 +29,8 @@ from . import config as cfg
 log = logging.getLogger("gateway")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Once the drain's own wait is over, how long aiohttp lets the remaining handlers run before cancelling them.
+_CANCEL_GRACE_S = 1.0
 
 
 def run(config: cfg.Config, config_path: str | None, *, host: str, port: int, workers: int = 1) -> int:
@@ -69,7 +71,7 @@ async def serve(
     app = create_app(config, config_path=config_path)
     live = app[K.LIVE]
     live.on_change(lambda c: logging.getLogger().setLevel(c.log_level))
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout_s)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=_CANCEL_GRACE_S)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,25 +90,33 @@ async def serve(
 
 
 async def drain(runner: web.AppRunner, app: web.Application) -> int:
-    """Stops accepting, lets in-flight requests and pending cache writes finish, releases what others may take."""
+    """Stops accepting, lets in-flight requests and pending cache writes finish, releases what others may take.
+
+    Returns 0 when every request finished within `shutdown_timeout_s`, 1 when some had to be cut short.
+    """
+    loop = asyncio.get_running_loop()
     timeout = app[K.LIVE].config.shutdown_timeout_s
-    started = time.monotonic()
+    deadline = loop.time() + timeout
     for site in list(runner.sites):
         await site.stop()  # the listening socket closes: new connections go to other workers or replicas
-    log.info("draining: %d requests in flight, up to %.0fs", _in_flight(app[K.METRICS]), timeout)
-    # cleanup() runs on_shutdown (batch leases), waits for handlers (bounded by the runner's shutdown_timeout),
-    # then the cleanup contexts (the coalescer lets in-flight upstream calls and their cache writes finish).
+    active = app[K.METRICS].active
+    log.info("draining: %d requests in flight, up to %.0fs", active.count, timeout)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(active.idle(), timeout)
+    cut = active.count
+    if cut:
+        log.error("drain: %d requests still running after %.0fs; cancelling them", cut, timeout)
+    # cleanup(): closes idle keep-alive connections, runs on_shutdown (batch leases), cancels what is left (after
+    # the runner's short shutdown_timeout), then the cleanup contexts: the coalescer lets in-flight upstream calls
+    # and their cache writes finish, the usage tally is written.
     try:
-        await asyncio.wait_for(runner.cleanup(), timeout + 1.0)
+        await asyncio.wait_for(runner.cleanup(), max(0.0, deadline - loop.time()) + _CANCEL_GRACE_S + 1.0)
     except TimeoutError:
-        log.error("drain: not finished within %.0fs; exiting anyway", timeout)
+        log.error("drain: cleanup not finished within %.0fs; exiting anyway", timeout)
         return 1
-    log.info("drained in %.2fs", time.monotonic() - started)
-    return 0
-
-
-def _in_flight(metrics: Any) -> int:
-    return int(sum(s.value for m in metrics.in_flight.collect() for s in m.samples))
+    if not cut:
+        log.info("drained in %.2fs", timeout - (deadline - loop.time()))
+    return 1 if cut else 0
 
 
 # ---- N workers ---------------------------------------------------------------------------------------------

@@ -64,10 +64,9 @@ async def until(condition: Callable[[], bool]) -> None:
 async def test_reload_rotates_keys_while_requests_are_in_flight(started: Started) -> None:
     data = base_config()
     client, path = await started(data)
-    metrics = client.app[K.METRICS]
-    in_flight = lambda: metrics.in_flight._value.get()  # noqa: E731
+    active = client.app[K.METRICS].active
     tasks = [asyncio.create_task(embed(client, TEAM_B_KEY, f"during {i}")) for i in range(60)]
-    await until(lambda: in_flight() == 60)
+    await until(lambda: active.count == 60)
     path.write_text(yaml.safe_dump(rotated(data)))
     assert client.app[K.LIVE].reload()
     more = [asyncio.create_task(embed(client, TEAM_B_KEY, f"after {i}")) for i in range(20)]

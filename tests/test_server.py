@@ -139,6 +139,24 @@ async def test_sigterm_finishes_100_in_flight_requests_and_their_cache_writes(
     await r.aclose()
 
 
+async def test_a_request_longer_than_the_shutdown_timeout_is_cut_and_the_exit_code_says_so(
+    serve: Callable[..., Awaitable[Proc]],
+) -> None:
+    gw = await serve(file_config(shutdown_timeout_s=0.5, upstream={"sim": {"latency_base_ms": 20000}}))
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "jina-embeddings-v3", "input": ["too slow"]}
+        request = asyncio.create_task(session.post(f"{gw.url}/v1/embeddings", json=body, headers=auth()))
+        for _ in range(1000):
+            if await metric(session, gw.url, "eg_requests_in_flight") == 1:
+                break
+            await asyncio.sleep(0.01)
+        gw.signal(signal.SIGTERM)
+        assert "drain: 1 requests still running after 0s; cancelling them" in await gw.line_with("still running")
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await request
+    assert await gw.exit_code(within=25) == 1
+
+
 async def test_sighup_rotates_keys_without_a_failed_request_and_refuses_a_bad_file(
     serve: Callable[..., Awaitable[Proc]], tmp_path: Path
 ) -> None:
