@@ -1,23 +1,28 @@
-"""Micro-batching and single-flight of cache misses across callers.
+"""Micro-batching, single-flight and fair ordering of cache misses across callers.
 
 Misses that share a batch group (canonical params, plus the team when the cache is team-scoped) wait in one
 queue and leave together in one upstream call. A group with no call in flight sends at once, so an idle
 gateway adds no latency; while a call is in flight the next batch grows until it is full (inputs or
-estimated tokens) or its first input has waited `max_wait_ms`, or the call in flight returns.
+estimated tokens), its oldest input has waited `max_wait_ms`, or the call in flight returns.
 
-A key queued or in flight is never sent twice: later callers join its future. Upstream calls run in tasks
-owned by the coalescer, so a caller that goes away never cancels work other callers wait for, and the
-result is still cached.
+Batches are formed only when one of the `upstream.limits.max_concurrency` call slots is free, so work that
+cannot go yet waits here, where its order is decided: interactive before batch-priority work, and across
+teams in proportion to their `weight` (start-time fair queuing over estimated tokens), not first come.
+
+A key queued or in flight is never sent twice: later callers join it. Upstream calls run in tasks owned by
+the coalescer, so a caller that goes away never cancels work other callers wait for, and the result is
+still cached.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
+import re
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +39,11 @@ from .upstream import UpstreamClient
 log = logging.getLogger("gateway.coalescer")
 
 Priority = Literal["interactive", "batch"]
+# Lower ranks leave first: batch-priority work only fills what interactive work leaves in a batch.
+_RANK: dict[str, int] = {"interactive": 0, "batch": 1}
+# asyncio may run a timer a clock tick early; a deadline this close counts as reached.
+_EPSILON_S = 1e-6
+_INPUT_FIELD = re.compile(r"^(?:body[.])?input(?:\[(\d+)\]|[.](\d+))?(?:$|[.\[])")
 
 
 @dataclass(slots=True)
@@ -43,23 +53,32 @@ class Miss:
     key: bytes
     item: Item
     estimate: int
+    position: int = -1  # its index in the caller's request, to name it in an upstream error; -1: as submitted
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Pending:
     miss: Miss
-    owner: int
+    owner: int  # the caller that queued it
     future: asyncio.Future[Entry]
-    enqueued: float
+    rank: int
+    tag: float  # fair-queuing start tag
+    seq: int  # tie-break, and marks older heap entries of a promoted input as stale
+    waiters: list[int]  # callers still waiting for it, first come first
+    payer: int = 0  # set when it lands: the first caller still waiting pays for it
+    queued: bool = False  # in its group's queue (not yet in a batch)
 
 
 @dataclass(slots=True)
 class _Group:
+    key: bytes
     params: dict[str, Any]
     max_inputs: int
-    queue: deque[_Pending] = field(default_factory=deque)
+    heap: list[tuple[int, float, int, _Pending]] = field(default_factory=list)
+    queued: int = 0
+    queued_tokens: int = 0
+    since: float | None = None  # when the queue last went from empty to non-empty
     inflight: int = 0
-    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +87,24 @@ class Joined:
 
     entries: list[Entry]
     joined: list[bool]
+
+
+class _FairClock:
+    """Start-time fair queuing per rank: a team's inputs are tagged by the virtual time it has used, divided
+    by its weight; the lowest tag leaves first. A team that was idle starts at the current virtual time, so
+    it neither banks credit nor waits behind another team's backlog."""
+
+    def __init__(self) -> None:
+        self._now = [0.0] * len(_RANK)
+        self._finish: list[dict[str, float]] = [{} for _ in _RANK]
+
+    def tag(self, rank: int, team: str, weight: float, cost: int) -> float:
+        start = max(self._now[rank], self._finish[rank].get(team, 0.0))
+        self._finish[rank][team] = start + max(cost, 1) / weight
+        return start
+
+    def served(self, rank: int, tag: float) -> None:
+        self._now[rank] = max(self._now[rank], tag)
 
 
 class Coalescer:
@@ -87,11 +124,20 @@ class Coalescer:
         self.upstream_config = upstream_config
         self.metrics = metrics
         self.call_budget_s = call_budget_s
-        self._flights: dict[bytes, asyncio.Future[Entry]] = {}
+        self._flights: dict[bytes, _Pending] = {}
+        self._units: dict[bytes, asyncio.Future[Entry]] = {}
+        self._unit_inputs = 0
         self._groups: dict[bytes, _Group] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._owners = itertools.count(1)
-        self.calls = 0
+        self._seq = itertools.count()
+        self._fair = _FairClock()
+        self._slots = upstream_config.limits.max_concurrency
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self.calls = 0  # upstream calls made (re-sends of a rejected batch included)
+        self.joins = 0  # inputs answered by a flight another caller started
+        self.peak_inputs = 0  # the most inputs ever queued or in flight at once
 
     def reconfigure(self, config: cfg.Config) -> None:
         """A reload: new batching settings apply from the next batch on (queued inputs keep their place)."""
@@ -101,7 +147,17 @@ class Coalescer:
     @property
     def pending_inputs(self) -> int:
         """Inputs queued or in flight (the bounded quantity)."""
-        return len(self._flights)
+        return len(self._flights) + self._unit_inputs
+
+    @property
+    def queued_inputs(self) -> int:
+        """Inputs waiting for a batch (not yet sent)."""
+        return sum(g.queued for g in self._groups.values())
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, in flight, or running: no task or future is left behind."""
+        return not (self._flights or self._units or self._groups or self._tasks)
 
     def new_owner(self) -> int:
         return next(self._owners)
@@ -117,128 +173,226 @@ class Coalescer:
         owner: int,
         deadline: float,
         team: str = "",
+        weight: float = 1.0,
         priority: Priority = "interactive",
     ) -> Joined:
         """Resolves every miss (distinct keys) through one shared flight each; waits until `deadline`.
 
-        `team` and `priority` order queued work (fair share across teams; batch jobs after interactive).
+        `team` and `weight` order queued work across teams; `priority="batch"` queues behind interactive work.
         """
-        futures, joined = self._register(group_key, params, misses, owner)
-        entries = await self._wait(futures, deadline)
-        return Joined(entries=entries, joined=joined)
+        pendings = self._register(group_key, params, misses, owner, team, weight, _RANK[priority])
+        self._dispatch()
+        try:
+            entries = await self._wait([p.future for p in pendings], deadline)
+        except BaseException as exc:
+            # Gone (error, deadline, disconnect): a caller still waiting pays for what lands instead.
+            for p in pendings:
+                if owner in p.waiters:
+                    p.waiters.remove(owner)
+            if isinstance(exc, _Blamed):
+                raise exc.told_to(misses) from None
+            raise
+        return Joined(entries=entries, joined=[p.payer != owner for p in pendings])
 
     async def submit_unit(
         self, key: bytes, params: dict[str, Any], items: list[Item], *, deadline: float
     ) -> tuple[Entry, bool]:
         """A late-chunking / multivector request: one call for the whole list, never merged, single-flight."""
-        future = self._flights.get(key)
+        future = self._units.get(key)
         if future is not None:
+            self.joins += 1
             return (await self._wait([future], deadline))[0], True
         self._check_capacity(len(items))
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume)
-        self._flights[key] = future
+        self._units[key] = future
+        self._count_units(len(items))
         self._spawn(self._send_unit(key, params, items, future))
         return (await self._wait([future], deadline))[0], False
 
     def _register(
-        self, group_key: bytes, params: dict[str, Any], misses: Sequence[Miss], owner: int
-    ) -> tuple[list[asyncio.Future[Entry]], list[bool]]:
+        self,
+        group_key: bytes,
+        params: dict[str, Any],
+        misses: Sequence[Miss],
+        owner: int,
+        team: str,
+        weight: float,
+        rank: int,
+    ) -> list[_Pending]:
         flights = self._flights
         self._check_capacity(sum(1 for m in misses if m.key not in flights))
+        group = self._group(group_key, params)
+        weight = weight if weight > 0 else 1.0
+        pendings = []
+        for miss in misses:
+            pending = flights.get(miss.key)
+            if pending is None:
+                future: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+                future.add_done_callback(_consume)
+                pending = flights[miss.key] = _Pending(miss, owner, future, rank, 0.0, 0, [owner])
+                self._enqueue(group, pending, team, weight, rank)
+            else:
+                self._join(group, pending, owner, team, weight, rank)
+            pendings.append(pending)
+        self._gauge()
+        return pendings
+
+    def _group(self, group_key: bytes, params: dict[str, Any]) -> _Group:
         group = self._groups.get(group_key)
         if group is None:
             max_inputs = self.upstream_config.max_inputs_for(str(params.get("model", "")))
-            group = self._groups[group_key] = _Group(params, min(max_inputs, self.config.max_batch_inputs))
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        futures, joined = [], []
-        for miss in misses:
-            future = flights.get(miss.key)
-            joined.append(future is not None)
-            if future is None:
-                future = flights[miss.key] = loop.create_future()
-                future.add_done_callback(_consume)
-                group.queue.append(_Pending(miss, owner, future, now))
-            futures.append(future)
-        self.metrics.queue_inputs.set(len(flights))
-        self._pump(group_key, group)
-        return futures, joined
+            group = _Group(group_key, params, max(1, min(max_inputs, self.config.max_batch_inputs)))
+            self._groups[group_key] = group
+        return group
+
+    def _enqueue(self, group: _Group, pending: _Pending, team: str, weight: float, rank: int) -> None:
+        pending.rank = rank
+        pending.tag = self._fair.tag(rank, team, weight, pending.miss.estimate)
+        pending.seq = next(self._seq)
+        heapq.heappush(group.heap, (rank, pending.tag, pending.seq, pending))
+        if pending.queued:  # a promotion: counted already, its older heap entry is now stale
+            return
+        pending.queued = True
+        group.queued += 1
+        group.queued_tokens += pending.miss.estimate
+        if group.since is None:
+            group.since = asyncio.get_running_loop().time()
+
+    def _join(self, group: _Group, pending: _Pending, owner: int, team: str, weight: float, rank: int) -> None:
+        pending.waiters.append(owner)
+        self.joins += 1
+        if pending.queued and rank < pending.rank:
+            # An interactive caller waits for an input a batch job queued: it leaves as interactive work.
+            self._enqueue(group, pending, team, weight, rank)
 
     def _check_capacity(self, new_inputs: int) -> None:
-        if new_inputs and len(self._flights) + new_inputs > self.config.max_queue_inputs:
+        if new_inputs and self.pending_inputs + new_inputs > self.config.max_queue_inputs:
             raise Overloaded("the gateway's upstream queue is full; retry shortly", retry_after=1)
+
+    def _count_units(self, delta: int) -> None:
+        self._unit_inputs += delta
+        self._gauge()
+
+    def _gauge(self) -> None:
+        pending = self.pending_inputs
+        self.peak_inputs = max(self.peak_inputs, pending)
+        self.metrics.queue_inputs.set(pending)
 
     @staticmethod
     async def _wait(futures: list[asyncio.Future[Entry]], deadline: float) -> list[Entry]:
-        async def all_of() -> list[Entry]:
-            # shield: a caller that times out or disconnects must not cancel a flight others share.
-            return [await asyncio.shield(f) for f in futures]
+        """All results, or the first failure as soon as it happens (the caller stops waiting for the rest).
 
-        try:
-            return await asyncio.wait_for(all_of(), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise UpstreamTimeout("no upstream answer within the request deadline") from None
+        `asyncio.wait` never cancels what it waits for: a caller that times out or disconnects leaves the
+        flights that others share untouched."""
+        timeout = max(0.0, deadline - time.monotonic())
+        await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+        for f in futures:
+            error = f.exception() if f.done() else None
+            if error is not None:
+                raise error
+        if not all(f.done() for f in futures):
+            raise UpstreamTimeout("no upstream answer within the request deadline")
+        return [f.result() for f in futures]
 
     # ---- batching --------------------------------------------------------------------------------------
 
-    def _pump(self, group_key: bytes, group: _Group) -> None:
-        loop = asyncio.get_running_loop()
-        wait_s = self.config.max_wait_ms / 1000
-        while group.queue:
-            oldest = group.queue[0].enqueued
-            if group.inflight and not self._full(group) and loop.time() - oldest < wait_s:
-                if group.timer is None:
-                    group.timer = loop.call_at(oldest + wait_s, self._on_timer, group_key, group)
-                return
+    def _dispatch(self) -> None:
+        """Forms batches while call slots are free, best-placed due group first; then arms the wait timer."""
+        now = asyncio.get_running_loop().time()
+        while self._slots > 0:
+            group = self._next_group(now)
+            if group is None:
+                break
             batch = self._take(group)
+            self._slots -= 1
             group.inflight += 1
-            self._spawn(self._send(group_key, group, batch))
-        if group.timer is not None:
-            group.timer.cancel()
-            group.timer = None
+            self._spawn(self._send(group, batch))
+        self._arm()
 
-    def _on_timer(self, group_key: bytes, group: _Group) -> None:
-        group.timer = None
-        self._pump(group_key, group)
+    def _next_group(self, now: float) -> _Group | None:
+        best: _Group | None = None
+        best_head: tuple[int, float, int] | None = None
+        for group in self._groups.values():
+            if not group.queued or not self._due(group, now):
+                continue
+            head = self._head(group)
+            if best_head is None or head < best_head:
+                best, best_head = group, head
+        return best
 
-    def _full(self, group: _Group) -> bool:
-        if len(group.queue) >= group.max_inputs:
+    def _due(self, group: _Group, now: float) -> bool:
+        # Idle groups send at once; a busy group's batch grows until full or its oldest input has waited.
+        if self._closing or not group.inflight:
             return True
-        tokens = 0
-        for p in group.queue:
-            tokens += p.miss.estimate
-            if tokens >= self.config.max_batch_tokens:
-                return True
-        return False
+        if group.queued >= group.max_inputs or group.queued_tokens >= self.config.max_batch_tokens:
+            return True
+        return group.since is not None and now + _EPSILON_S >= group.since + self.config.max_wait_ms / 1000
+
+    @staticmethod
+    def _head(group: _Group) -> tuple[int, float, int]:
+        heap = group.heap
+        while not _live(heap[0]):
+            heapq.heappop(heap)
+        rank, tag, seq, _ = heap[0]
+        return rank, tag, seq
 
     def _take(self, group: _Group) -> list[_Pending]:
-        batch = [group.queue.popleft()]
-        tokens = batch[0].miss.estimate
-        while group.queue and len(batch) < group.max_inputs:
-            nxt = group.queue[0].miss.estimate
-            if tokens + nxt > self.config.max_batch_tokens:
-                break
-            batch.append(group.queue.popleft())
-            tokens += nxt
+        batch: list[_Pending] = []
+        tokens = 0
+        heap = group.heap
+        while heap and len(batch) < group.max_inputs:
+            entry = heap[0]
+            pending = entry[3]
+            if _live(entry):
+                if batch and tokens + pending.miss.estimate > self.config.max_batch_tokens:
+                    break
+                pending.queued = False
+                batch.append(pending)
+                tokens += pending.miss.estimate
+                self._fair.served(entry[0], entry[1])
+            heapq.heappop(heap)
+        group.queued -= len(batch)
+        group.queued_tokens -= tokens
+        if not group.queued:
+            heap.clear()
+            group.since = None
         return batch
 
-    def _spawn(self, coro: Any) -> None:
+    def _arm(self) -> None:
+        """One timer for the earliest `max_wait_ms` deadline of a waiting group (none while no slot is free:
+        a returning call dispatches anyway)."""
+        wait_s = self.config.max_wait_ms / 1000
+        when = None
+        if self._slots > 0:
+            sinces = [g.since for g in self._groups.values() if g.queued and g.since is not None]
+            when = min(sinces) + wait_s if sinces else None
+        if self._timer is not None and (when is None or self._timer.when() != when):
+            self._timer.cancel()
+            self._timer = None
+        if when is not None and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # ---- upstream calls --------------------------------------------------------------------------------
 
-    async def _send(self, group_key: bytes, group: _Group, batch: list[_Pending]) -> None:
+    async def _send(self, group: _Group, batch: list[_Pending]) -> None:
         try:
             await self._call(group.params, batch)
         finally:
             group.inflight -= 1
-            if group.queue:
-                self._pump(group_key, group)
-            elif not group.inflight and self._groups.get(group_key) is group:
-                del self._groups[group_key]
+            self._slots += 1
+            if not group.queued and not group.inflight and self._groups.get(group.key) is group:
+                del self._groups[group.key]
+            self._dispatch()
 
     async def _call(self, params: dict[str, Any], batch: list[_Pending]) -> None:
         self.calls += 1
@@ -255,28 +409,51 @@ class Coalescer:
             log.exception("upstream call failed unexpectedly")
             self._fail(batch, UpstreamFailed(f"upstream call failed: {type(exc).__name__}"))
             return
+        except BaseException:
+            self._fail(batch, UpstreamFailed("the upstream call was cancelled"))
+            raise
         shares = split(result.tokens, [p.miss.estimate for p in batch])
         writes = []
         for p, vec, tokens in zip(batch, result.vectors, shares, strict=True):
             entry = Entry(vectors=vec, tokens=tokens)
+            p.payer = p.waiters[0] if p.waiters else p.owner
             if not p.future.done():
                 p.future.set_result(entry)
             writes.append((p.miss.key, encode(vec, tokens)))
-        # Callers already have their answers; the write happens once per key, then the flight ends.
+        # Callers already have their answers; the write happens once per key, then the flight ends (until
+        # then a new caller joins the flight instead of missing the cache and sending the input again).
         try:
             await self.cache.set_many(writes)
         finally:
             self._land(batch)
 
     async def _isolate(self, params: dict[str, Any], batch: list[_Pending], exc: UpstreamRejected) -> None:
-        """A 4xx for a merged batch: re-send it split by caller, so only the offending caller fails."""
-        owners: dict[int, list[_Pending]] = {}
-        for p in batch:
-            owners.setdefault(p.owner, []).append(p)
+        """A 4xx for a merged batch: only the callers whose input caused it fail; the rest goes again."""
+        bad = _blamed_input(exc.upstream_body, len(batch))
+        if isinstance(bad, int):
+            exc = _Blamed(exc, batch[bad].miss.key, bad)
+        if bad == "all" or len(batch) == 1:
+            self._fail(batch, exc)  # the params are the group's, so every caller would be refused alike
+            return
+        if isinstance(bad, int):
+            culprit = batch[bad].owner
+            # The culprit's request fails anyway: its other inputs go again only if another caller waits too.
+            drop = [i == bad or p.waiters == [culprit] for i, p in enumerate(batch)]
+            rest = [p for p, d in zip(batch, drop, strict=True) if not d]
+            self._fail([p for p, d in zip(batch, drop, strict=True) if d], exc)
+            if rest:
+                await self._call(params, rest)
+            return
+        owners = list(dict.fromkeys(p.owner for p in batch))
         if len(owners) == 1:
             self._fail(batch, exc)
             return
-        await asyncio.gather(*(self._call(params, part) for part in owners.values()))
+        # The answer does not say which input: bisect by caller, so k callers cost O(log k) calls, not k.
+        half = set(owners[: len(owners) // 2])
+        await asyncio.gather(
+            self._call(params, [p for p in batch if p.owner in half]),
+            self._call(params, [p for p in batch if p.owner not in half]),
+        )
 
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         for p in batch:
@@ -286,9 +463,9 @@ class Coalescer:
 
     def _land(self, batch: list[_Pending]) -> None:
         for p in batch:
-            if self._flights.get(p.miss.key) is p.future:
+            if self._flights.get(p.miss.key) is p:
                 del self._flights[p.miss.key]
-        self.metrics.queue_inputs.set(len(self._flights))
+        self._gauge()
 
     async def _send_unit(
         self, key: bytes, params: dict[str, Any], items: list[Item], future: asyncio.Future[Entry]
@@ -303,13 +480,78 @@ class Coalescer:
             if not future.done():
                 future.set_exception(exc if isinstance(exc, GatewayError) else UpstreamFailed(repr(exc)))
         finally:
-            if self._flights.get(key) is future:
-                del self._flights[key]
+            if not future.done():
+                future.set_exception(UpstreamFailed("the upstream call was cancelled"))
+            if self._units.get(key) is future:
+                del self._units[key]
+            self._count_units(-len(items))
 
     async def close(self) -> None:
-        """Lets in-flight calls finish (their results are cached), then returns."""
+        """Sends whatever is queued without waiting, lets every call finish (results are cached), returns."""
+        self._closing = True
+        self._dispatch()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _Blamed(UpstreamRejected):
+    """A 4xx that names one input of a merged call: each caller is told that input's index in its own request."""
+
+    def __init__(self, exc: UpstreamRejected, key: bytes, index: int) -> None:
+        super().__init__(exc.status, exc.upstream_body, exc.headers)
+        self.key = key
+        self.index = index
+
+    def told_to(self, misses: Sequence[Miss]) -> UpstreamRejected:
+        for i, miss in enumerate(misses):
+            if miss.key == self.key:
+                position = miss.position if miss.position >= 0 else i
+                return UpstreamRejected(self.status, _reindex(self.upstream_body, self.index, position), self.headers)
+        return self
+
+
+def _reindex(value: Any, old: int, new: int) -> Any:
+    """An error body with input `old` (of the upstream call) renamed `new`: `input[3]` texts, pydantic locs."""
+    if isinstance(value, str):
+        return value.replace(f"input[{old}]", f"input[{new}]")
+    if isinstance(value, dict):
+        return {k: _reindex(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        out = [_reindex(v, old, new) for v in value]
+        for i in range(1, len(out)):
+            if out[i - 1] == "input" and type(out[i]) is int and out[i] == old:
+                out[i] = new
+        return out
+    return value
+
+
+def _live(entry: tuple[int, float, int, _Pending]) -> bool:
+    # A promoted input has a newer heap entry; the older one is skipped when it comes up.
+    pending = entry[3]
+    return pending.queued and pending.seq == entry[2]
+
+
+def _blamed_input(body: dict[str, Any], n: int) -> int | Literal["all"] | None:
+    """Which input of an n-input call a 4xx body blames: its index; "all" when it names only request
+    fields (model, task, dimensions...), which every caller of the group shares; None when it does not say."""
+    fields: list[str] = []
+    errors = body.get("errors")
+    if isinstance(errors, list):  # Jina / the simulator: [{"field": "input[3]", ...}]
+        fields += [str(e["field"]) for e in errors if isinstance(e, dict) and "field" in e]
+    detail = body.get("detail")
+    if isinstance(detail, list):  # FastAPI / pydantic: [{"loc": ["body", "input", 3], ...}]
+        fields += [".".join(map(str, e["loc"])) for e in detail if isinstance(e, dict) and "loc" in e]
+    if not fields:
+        return None
+    for name in fields:
+        m = _INPUT_FIELD.match(name)
+        index = m and (m.group(1) or m.group(2))
+        if index and int(index) < n:
+            return int(index)
+    return None if any(_INPUT_FIELD.match(name) for name in fields) else "all"
 
 
 def _consume(future: asyncio.Future[Entry]) -> None:

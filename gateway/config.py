@@ -124,7 +124,7 @@ class Limits:
 class Coalesce:
     max_batch_inputs: int = 256
     max_batch_tokens: int = 131_072
-    max_wait_ms: float = 10.0
+    max_wait_ms: float = 50.0
     max_queue_inputs: int = 100_000
 
 
@@ -244,6 +244,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"teams.{i}.name: duplicate team name {name!r}")
     seen: dict[str, str] = {}
     for i, team in enumerate(config.teams):
+        if not team.weight > 0:
+            raise ConfigError(f"teams.{i}.weight: must be > 0 (its share of the upstream when work queues)")
         for j, key in enumerate(team.keys):
             where = f"teams.{i}.keys.{j}"
             _check_key_hash(key, where)

@@ -77,7 +77,8 @@ class EmbeddingService:
         misses: list[Miss] = []
         for key, entry in zip(unique, entries, strict=True):
             if entry is None:
-                misses.append(Miss(key, request.items[first[key]], estimate(request.items[first[key]])))
+                item = request.items[first[key]]
+                misses.append(Miss(key, item, estimate(item), first[key]))
             else:
                 found[key] = entry
         outcome = Outcome(vectors=[], tokens=0, hits=len(found), duplicates=len(keys) - len(unique))
@@ -106,7 +107,8 @@ class EmbeddingService:
         group = xxhash.xxh3_128_digest(prefix)
         owner = self.coalescer.new_owner()
         result = await self.coalescer.submit(
-            group, request.params, misses, owner=owner, deadline=deadline, team=team.name, priority=priority
+            group, request.params, misses, owner=owner, deadline=deadline,
+            team=team.name, weight=team.weight, priority=priority,
         )
         for miss, entry, joined in zip(misses, result.entries, result.joined, strict=True):
             found[miss.key] = entry
