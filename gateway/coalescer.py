@@ -65,6 +65,7 @@ class _Pending:
     tag: float  # fair-queuing start tag
     seq: int  # tie-break, and marks older heap entries of a promoted input as stale
     waiters: list[int]  # callers still waiting for it, first come first
+    deadline: float  # the latest of its callers' deadlines: no retry after it
     payer: int = 0  # set when it lands: the first caller still waiting pays for it
     queued: bool = False  # in its group's queue (not yet in a batch)
 
@@ -79,6 +80,15 @@ class _Group:
     queued_tokens: int = 0
     since: float | None = None  # when the queue last went from empty to non-empty
     inflight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    owner: int
+    team: str
+    weight: float
+    rank: int
+    deadline: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +190,8 @@ class Coalescer:
 
         `team` and `weight` order queued work across teams; `priority="batch"` queues behind interactive work.
         """
-        pendings = self._register(group_key, params, misses, owner, team, weight, _RANK[priority])
+        caller = _Caller(owner, team, weight if weight > 0 else 1.0, _RANK[priority], deadline)
+        pendings = self._register(group_key, params, misses, caller)
         self._dispatch()
         try:
             entries = await self._wait([p.future for p in pendings], deadline)
@@ -211,29 +222,22 @@ class Coalescer:
         return (await self._wait([future], deadline))[0], False
 
     def _register(
-        self,
-        group_key: bytes,
-        params: dict[str, Any],
-        misses: Sequence[Miss],
-        owner: int,
-        team: str,
-        weight: float,
-        rank: int,
+        self, group_key: bytes, params: dict[str, Any], misses: Sequence[Miss], caller: _Caller
     ) -> list[_Pending]:
         flights = self._flights
         self._check_capacity(sum(1 for m in misses if m.key not in flights))
         group = self._group(group_key, params)
-        weight = weight if weight > 0 else 1.0
         pendings = []
         for miss in misses:
             pending = flights.get(miss.key)
             if pending is None:
                 future: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
                 future.add_done_callback(_consume)
-                pending = flights[miss.key] = _Pending(miss, owner, future, rank, 0.0, 0, [owner])
-                self._enqueue(group, pending, team, weight, rank)
+                pending = _Pending(miss, caller.owner, future, caller.rank, 0.0, 0, [caller.owner], caller.deadline)
+                flights[miss.key] = pending
+                self._enqueue(group, pending, caller)
             else:
-                self._join(group, pending, owner, team, weight, rank)
+                self._join(group, pending, caller)
             pendings.append(pending)
         self._gauge()
         return pendings
@@ -246,11 +250,11 @@ class Coalescer:
             self._groups[group_key] = group
         return group
 
-    def _enqueue(self, group: _Group, pending: _Pending, team: str, weight: float, rank: int) -> None:
-        pending.rank = rank
-        pending.tag = self._fair.tag(rank, team, weight, pending.miss.estimate)
+    def _enqueue(self, group: _Group, pending: _Pending, caller: _Caller) -> None:
+        pending.rank = caller.rank
+        pending.tag = self._fair.tag(caller.rank, caller.team, caller.weight, pending.miss.estimate)
         pending.seq = next(self._seq)
-        heapq.heappush(group.heap, (rank, pending.tag, pending.seq, pending))
+        heapq.heappush(group.heap, (caller.rank, pending.tag, pending.seq, pending))
         if pending.queued:  # a promotion: counted already, its older heap entry is now stale
             return
         pending.queued = True
@@ -259,12 +263,13 @@ class Coalescer:
         if group.since is None:
             group.since = asyncio.get_running_loop().time()
 
-    def _join(self, group: _Group, pending: _Pending, owner: int, team: str, weight: float, rank: int) -> None:
-        pending.waiters.append(owner)
+    def _join(self, group: _Group, pending: _Pending, caller: _Caller) -> None:
+        pending.waiters.append(caller.owner)
+        pending.deadline = max(pending.deadline, caller.deadline)
         self.joins += 1
-        if pending.queued and rank < pending.rank:
+        if pending.queued and caller.rank < pending.rank:
             # An interactive caller waits for an input a batch job queued: it leaves as interactive work.
-            self._enqueue(group, pending, team, weight, rank)
+            self._enqueue(group, pending, caller)
 
     def _check_capacity(self, new_inputs: int) -> None:
         if new_inputs and self.pending_inputs + new_inputs > self.config.max_queue_inputs:
@@ -305,6 +310,9 @@ class Coalescer:
             if group is None:
                 break
             batch = self._take(group)
+            if not batch:  # all it held was abandoned
+                self._forget(group)
+                continue
             self._slots -= 1
             group.inflight += 1
             self._spawn(self._send(group, batch))
@@ -339,24 +347,30 @@ class Coalescer:
 
     def _take(self, group: _Group) -> list[_Pending]:
         batch: list[_Pending] = []
+        abandoned: list[_Pending] = []
         tokens = 0
         heap = group.heap
         while heap and len(batch) < group.max_inputs:
-            entry = heap[0]
-            pending = entry[3]
+            rank, tag, _, pending = entry = heap[0]
             if _live(entry):
-                if batch and tokens + pending.miss.estimate > self.config.max_batch_tokens:
-                    break
+                estimate = pending.miss.estimate
+                if pending.waiters:
+                    if batch and tokens + estimate > self.config.max_batch_tokens:
+                        break
+                    batch.append(pending)
+                    tokens += estimate
+                    self._fair.served(rank, tag)
+                else:  # every caller has gone (deadline, disconnect): not worth an upstream call
+                    abandoned.append(pending)
                 pending.queued = False
-                batch.append(pending)
-                tokens += pending.miss.estimate
-                self._fair.served(entry[0], entry[1])
+                group.queued -= 1
+                group.queued_tokens -= estimate
             heapq.heappop(heap)
-        group.queued -= len(batch)
-        group.queued_tokens -= tokens
         if not group.queued:
             heap.clear()
             group.since = None
+        if abandoned:
+            self._fail(abandoned, UpstreamTimeout("every caller of this input has gone"))
         return batch
 
     def _arm(self) -> None:
@@ -390,13 +404,17 @@ class Coalescer:
         finally:
             group.inflight -= 1
             self._slots += 1
-            if not group.queued and not group.inflight and self._groups.get(group.key) is group:
-                del self._groups[group.key]
+            self._forget(group)
             self._dispatch()
+
+    def _forget(self, group: _Group) -> None:
+        if not group.queued and not group.inflight and self._groups.get(group.key) is group:
+            del self._groups[group.key]
 
     async def _call(self, params: dict[str, Any], batch: list[_Pending]) -> None:
         self.calls += 1
-        deadline = time.monotonic() + self.call_budget_s
+        # Retries stop when the last caller stops waiting (a call formed late must not outlive them all).
+        deadline = min(time.monotonic() + self.call_budget_s, max(p.deadline for p in batch))
         try:
             result = await self.upstream.embed(params, [p.miss.item for p in batch], deadline)
         except UpstreamRejected as exc:

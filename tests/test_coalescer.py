@@ -444,16 +444,36 @@ async def test_a_disconnecting_client_leaves_the_others_served_and_the_input_cac
 
 async def test_a_caller_past_its_deadline_gets_504_and_the_flight_still_lands(rig: Make) -> None:
     r = await rig()
+    patient = ask(r.client, ["slow one"])
+    await r.gate.parked.reach(1)
     service = r.client.app[K.SERVICE]
     team = r.client.app[K.CONFIG].teams[0]
     request = parse_embedding_request({"model": MODEL, "input": ["slow one"]}, max_inputs=10)
     with pytest.raises(UpstreamTimeout):
         await service.embed(team, request, deadline=time.monotonic())  # already past: no waiting
     r.gate.open()
+    assert (await patient).status == 200
     await r.coalescer.close()
     assert r.coalescer.idle
     assert (await post(r.client, {"model": MODEL, "input": ["slow one"]})).header("X-Cache-Hits") == 1
     assert r.sim.calls == 1
+
+
+async def test_queued_inputs_whose_callers_all_left_are_not_sent(rig: Make) -> None:
+    r = await rig(upstream={"limits": {"max_concurrency": 1}})
+    opener = ask(r.client, ["opener"])
+    await r.gate.parked.reach(1)
+    leaver = ask(r.client, ["nobody waits for this any more", "opener"])
+    await r.probe.registered.reach(2)
+    leaver.cancel()
+    await r.probe.cancelled.reach(1)
+    r.gate.open()
+    assert (await opener).status == 200
+    await r.coalescer.close()
+    assert r.coalescer.idle
+    assert [q["input"] for q in r.sim.requests] == [["opener"]]
+    with pytest.raises(asyncio.CancelledError):
+        await leaver
 
 
 # ---- backpressure --------------------------------------------------------------------------------------
