@@ -447,7 +447,7 @@ async def test_a_caller_past_its_deadline_gets_504_and_the_flight_still_lands(ri
     patient = ask(r.client, ["slow one"])
     await r.gate.parked.reach(1)
     service = r.client.app[K.SERVICE]
-    team = r.client.app[K.CONFIG].teams[0]
+    team = r.client.app[K.LIVE].config.teams[0]
     request = parse_embedding_request({"model": MODEL, "input": ["slow one"]}, max_inputs=10)
     with pytest.raises(UpstreamTimeout):
         await service.embed(team, request, deadline=time.monotonic())  # already past: no waiting
@@ -544,7 +544,7 @@ async def test_queued_work_is_shared_in_proportion_to_team_weight(rig: Make) -> 
 async def test_batch_priority_only_fills_what_interactive_work_leaves(rig: Make) -> None:
     r = await rig(upstream={"limits": {"max_concurrency": 1}}, coalesce={"max_batch_inputs": 100})
     service = r.client.app[K.SERVICE]
-    team = r.client.app[K.CONFIG].teams[0]
+    team = r.client.app[K.LIVE].config.teams[0]
     opener = ask(r.client, ["opener"])
     await r.gate.parked.reach(1)
     job = parse_embedding_request({"model": MODEL, "input": [text("job", i) for i in range(300)]}, max_inputs=300)
