@@ -172,7 +172,8 @@ class Metrics:
                     self.quota_rejections.labels(name, policy)
                     limits[(name, policy)] = float(limit)
         replace(self.quota_limit, limits)
-        for store, op in (("cache", "get"), ("cache", "set"), ("state", "usage_flush"), ("state", "usage_read")):
+        for store, op in (("cache", "get"), ("cache", "set"), ("state", "usage_flush"), ("state", "usage_read"),
+                          ("state", "quota"), ("state", "reconcile"), ("state", "pacing")):
             self.store_errors.labels(store, op)
 
     def on_scrape(self, hook: ScrapeHook, *, name: str | None = None) -> None:

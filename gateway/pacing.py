@@ -128,6 +128,7 @@ class Pacer:
         self.error_backoff_s = error_backoff_s
         self.local = MemoryPacingBackend(clock.time if clock is not None else time.time)
         self._retry_store_at = 0.0
+        self._store_down = False
 
     async def acquire(self, tokens: int, deadline: float) -> None:
         """Waits for the call's turn; raises UpstreamRateLimited when the turn comes after `deadline`."""
@@ -158,9 +159,14 @@ class Pacer:
                                   "max_wait_ms": max_wait_ms, "now_ms": self._now()}
         if time.monotonic() >= self._retry_store_at:
             try:
-                return await self.backend.acquire(**kwargs)
+                granted = await self.backend.acquire(**kwargs)
             except STORE_ERRORS as exc:
                 self._failed(exc)
+            else:
+                if self._store_down:
+                    self._store_down = False
+                    log.warning("state store reachable again; pacing the upstream for the fleet again")
+                return granted
         # Pacing is a courtesy to the upstream (its 429s are retried): without the store, pace per process.
         return await self.local.acquire(**kwargs)
 
@@ -169,6 +175,7 @@ class Pacer:
 
     def _failed(self, exc: BaseException) -> None:
         self.metrics.store_errors.labels("state", "pacing").inc()
-        if time.monotonic() >= self._retry_store_at:
-            log.warning("state store unreachable (%s); pacing the upstream per process", type(exc).__name__)
         self._retry_store_at = time.monotonic() + self.error_backoff_s
+        if not self._store_down:
+            self._store_down = True
+            log.warning("state store unreachable (%s); pacing the upstream per process", type(exc).__name__)

@@ -386,3 +386,21 @@ def _remaining(header: str) -> list[tuple[str, int]]:
         values = dict(p.split("=") for p in params)
         out.append((name.strip('"'), int(values["r"])))
     return out
+
+
+async def test_remaining_gauge_and_a_live_reload_of_quota_settings(gateway: Gateway) -> None:
+    from gateway.config import from_data
+
+    from .conftest import base_config
+
+    client = await gateway(**quota_team({"tokens_per_day": 100_000}))
+    sim = sim_of(client)
+    await post(client, {"model": MODEL, "input": ["one two three", "four five"]})
+    text = await metrics_text(client)
+    assert f'eg_quota_remaining{{policy="tokens_per_day",team="team-a"}} {100_000 - sim.tokens}.0' in text
+    # A reload (SIGHUP) makes hits cost half their tokens from the next request on.
+    client.app[K.LIVE].swap(from_data(base_config(quota={"cached_token_weight": 0.5},
+                                                  **quota_team({"tokens_per_day": 100_000}))))
+    _, headers, _ = await post(client, {"model": MODEL, "input": ["one two three", "four five"]})
+    spent = 100_000 - dict(_remaining(headers["RateLimit"]))["tokens_per_day"]
+    assert spent == sim.tokens + -(-sim.tokens // 2)

@@ -55,16 +55,19 @@ end
 if tpm > 0 then
   -- A call larger than the whole budget goes alone, once the window is empty.
   local over = sum + math.min(tokens, tpm) - tpm
-  if over > 0 then
-    local log = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-    local freed = 0
-    for i = 1, #log, 2 do
-      freed = freed + tonumber(string.match(log[i], ':(%d+)$'))
+  -- Oldest first, a few at a time: usually the first call or two free enough, and the log may be long.
+  local freed, start = 0, 0
+  while over > 0 and start < count do
+    local chunk = redis.call('ZRANGE', KEYS[1], start, start + 31, 'WITHSCORES')
+    for i = 1, #chunk, 2 do
+      freed = freed + tonumber(string.match(chunk[i], ':(%d+)$'))
       if freed >= over then
-        slot = math.max(slot, tonumber(log[i + 1]) + window)
+        slot = math.max(slot, tonumber(chunk[i + 1]) + window)
+        over = 0
         break
       end
     end
+    start = start + 32
   end
 end
 
