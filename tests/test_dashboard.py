@@ -19,15 +19,14 @@ import pytest
 import yaml
 from aiohttp import ClientSession
 
-from gateway import appkeys as K
 from gateway.auth import hash_key
-from gateway.metrics import Metrics, replace
+from gateway.metrics import Metrics
 from gateway.sim import Fault, SimConfig
 
 from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of
 from .promtext import METRICS_TOKEN, scrape
 from .redis_server import free_port
-from .workload import MODEL, Sent, embed, run_workload
+from .workload import MODEL, run_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
@@ -191,24 +190,22 @@ def has_finite_value(body: dict[str, Any]) -> bool:
     return any(math.isfinite(v) for v in values)
 
 
+TEAM_C_KEY = "eg-test-team-c"
 TEAMS = [
     {"name": "team-a", "keys": [hash_key(TEAM_A_KEY)],
      "quota": {"tokens_per_day": 10_000_000, "requests_per_minute": 100_000}},
     {"name": "team-b", "keys": [hash_key(TEAM_B_KEY)], "quota": {"tokens_per_minute": 5_000_000}},
+    {"name": "team-c", "keys": [hash_key(TEAM_C_KEY)], "quota": {"requests_per_minute": 1}},
 ]
 
 
-async def feed_quota_if_nobody_does(client: Any) -> None:
-    """Until the quota engine (issue 4) feeds eg_quota_remaining, a stand-in reports every limit as untouched."""
-    if (await scrape(client)).labelsets("eg_quota_remaining"):
-        return
-    metrics = client.app[K.METRICS]
-
-    async def stand_in() -> None:
-        limits = {tuple(s.labels.values()): s.value for f in metrics.quota_limit.collect() for s in f.samples}
-        replace(metrics.quota_remaining, limits)
-
-    metrics.on_scrape(stand_in)
+async def throttle_team_c(client: Any) -> int:
+    """team-c's second request in a minute is refused by its quota; returns the first one's upstream tokens."""
+    body = orjson.dumps({"model": MODEL, "input": ["team c"]})
+    first = await client.post("/v1/embeddings", data=body, headers=auth(TEAM_C_KEY))
+    second = await client.post("/v1/embeddings", data=body, headers=auth(TEAM_C_KEY))
+    assert (first.status, second.status) == (200, 429)
+    return int(first.headers["X-Upstream-Tokens"])
 
 
 @pytest.mark.slow
@@ -217,8 +214,8 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
 ) -> None:
     client = await gateway(sim=SimConfig(latency_base_ms=20), teams=TEAMS, prices={MODEL: 0.05})
     sim = sim_of(client)
-    await feed_quota_if_nobody_does(client)
     sent = await run_workload(client, sim)
+    team_c_tokens = await throttle_team_c(client)
     # The upstream rate limits the shared key past every retry: the caller gets a 429.
     sim.inject(*[Fault(kind="status", status=429, headers={"Retry-After": "0"}) for _ in range(4)])
     resp = await client.post("/v1/embeddings", data=orjson.dumps({"model": MODEL, "input": ["429"]}), headers=auth())
@@ -227,12 +224,12 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     prom = Prometheus(f"127.0.0.1:{client.server.port}", METRICS_TOKEN).start()
     try:
         async with ClientSession() as session:
-            await check_dashboard(client, sim, sent, session, prom)
+            await check_dashboard(client, sim, sent.total("upstream_tokens") + team_c_tokens, session, prom)
     finally:
         prom.stop()
 
 
-async def check_dashboard(client: Any, sim: Any, sent: Sent, session: ClientSession, prom: Prometheus) -> None:
+async def check_dashboard(client: Any, sim: Any, billed_sent: int, session: ClientSession, prom: Prometheus) -> None:
     deadline = time.monotonic() + 45
 
     async def ready() -> bool:
@@ -252,9 +249,12 @@ async def check_dashboard(client: Any, sim: Any, sent: Sent, session: ClientSess
     rounds = 0
 
     async def all_have_data() -> bool:
-        nonlocal rounds, missing
+        nonlocal rounds, missing, billed_sent
         rounds += 1  # keep traffic flowing so every rate() has something to see
-        await embed(client, sent, TEAM_A_KEY if rounds % 2 else TEAM_B_KEY, MODEL, [f"tick {rounds}", "steady"])
+        resp = await client.post("/v1/embeddings", headers=auth(TEAM_A_KEY if rounds % 2 else TEAM_B_KEY),
+                                 data=orjson.dumps({"model": MODEL, "input": [f"tick {rounds}", "steady"]}))
+        assert resp.status == 200
+        billed_sent += int(resp.headers["X-Upstream-Tokens"])
         missing = [name for name, q in queries if not has_finite_value((await instant(session, prom, q))[1])]
         return not missing
 
@@ -274,6 +274,6 @@ async def check_dashboard(client: Any, sim: Any, sent: Sent, session: ClientSess
         return billed == sim.tokens
 
     await until(deadline, settled, lambda: f"prometheus shows {billed} billed tokens, the simulator {sim.tokens}", prom)
-    assert (await scrape(client)).total("eg_tokens_total", source="upstream") == sim.tokens == sent.total(
-        "upstream_tokens"
-    )
+    assert (await scrape(client)).total("eg_tokens_total", source="upstream") == sim.tokens == billed_sent
+    rejected = 'eg_quota_rejections_total{team="team-c", policy="requests_per_minute"}'
+    assert [r["value"][1] for r in (await instant(session, prom, rejected))[1]["data"]["result"]] == ["1"]
