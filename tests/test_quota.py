@@ -243,8 +243,8 @@ async def test_two_gateways_on_one_redis_share_the_quota(gateway: Gateway, redis
 
 
 async def test_two_gateways_on_one_redis_with_redis_time(gateway: Gateway, redis_url: str) -> None:
-    """No injected clock: the replicas agree through Redis TIME (a day quota, so no refill during the test)."""
-    config = {"state": {"url": redis_url}, **quota_team({"tokens_per_day": 5000})}
+    """No injected clock: the replicas agree through Redis TIME (a month quota: no refill during the test)."""
+    config = {"state": {"url": redis_url}, **quota_team({"tokens_per_month": 5000})}
     one = await gateway(**config)
     two = await gateway(simulator=sim_of(one), **config)
     answers = await asyncio.gather(
