@@ -78,8 +78,10 @@ class Upstream:
 class RedisOptions:
     """Pool, timeouts, retries and TLS of one Redis store (the URL says which kind: see gateway/store/redis.py)."""
 
-    # Per process (per node in a cluster); a request needs one connection for its one round trip.
-    max_connections: int = 64
+    # Per process (per node in a cluster); a request holds one connection for its one round trip. Past it a command
+    # waits for a free connection (up to connect_timeout_s) — but in a cluster redis-py cannot wait and fails it,
+    # so there keep it above the requests one worker has in flight.
+    max_connections: int = 512
     # Connecting may be slower than a command (TLS handshake); None = the store's socket_timeout_s.
     connect_timeout_s: float | None = None
     # Retries of a command after a connection error or timeout, with jittered exponential backoff.

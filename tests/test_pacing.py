@@ -16,6 +16,7 @@ from gateway import config as cfg
 from gateway.keys import pacing_keys
 from gateway.pacing import MemoryPacingBackend, PacingBackend, RedisPacingBackend, budget_id
 from gateway.sim import Fault, SimConfig, Simulator
+from gateway.store.redis import connect
 
 from .clock import FakeClock
 from .conftest import TEAM_A_KEY, UPSTREAM_KEY, Gateway, auth, sim_of
@@ -25,13 +26,16 @@ MODEL = "jina-embeddings-v3"
 W = 61_000  # the 60-s window plus the default 1-s margin
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[PacingBackend]:
     if request.param == "memory":
         yield MemoryPacingBackend()
         return
-    client = aioredis.Redis.from_url(redis_server.url)
-    await client.flushall()
+    if request.param == "cluster":  # a real 3-node Redis Cluster, flushed by the fixture
+        client = connect(request.getfixturevalue("cluster_url"), socket_timeout_s=2)
+    else:
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.flushall()
     yield RedisPacingBackend(client, "test")
     await client.aclose()
 

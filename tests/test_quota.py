@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from gateway import appkeys as K
 from gateway.keys import quota_key
 from gateway.quota import DAY_MS, Limits, MemoryQuotaBackend, QuotaBackend, RedisQuotaBackend
+from gateway.store.redis import connect
 
 from .clock import FakeClock, utc
 from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of
@@ -28,14 +29,17 @@ def limits(rpm: int = 0, tpm: int = 0, tpd: int = 0, tpmo: int = 0) -> Limits:
     return Limits((rpm, tpm, tpd, tpmo))
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[QuotaBackend]:
     """The same contract for both backends; tests pass the clock (`now_ms`) explicitly."""
     if request.param == "memory":
         yield MemoryQuotaBackend()
         return
-    client = aioredis.Redis.from_url(redis_server.url)
-    await client.flushall()
+    if request.param == "cluster":  # a real 3-node Redis Cluster, flushed by the fixture
+        client = connect(request.getfixturevalue("cluster_url"), socket_timeout_s=2)
+    else:
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.flushall()
     yield RedisQuotaBackend(client)
     await client.aclose()
 
@@ -203,12 +207,12 @@ async def metrics_text(client: Any) -> str:
     return str(await (await client.get("/metrics", headers=auth("metrics-token"))).text())
 
 
-@pytest.mark.parametrize("state", ["memory", "redis"])
+@pytest.mark.parametrize("state", ["memory", "redis", "cluster"])
 async def test_100_concurrent_requests_admit_one_minute_of_tokens(
-    gateway: Gateway, redis_url: str, state: str
+    gateway: Gateway, redis_url: str, state: str, request: pytest.FixtureRequest
 ) -> None:
     clock = FakeClock()
-    url = "memory://" if state == "memory" else redis_url
+    url = {"memory": "memory://", "redis": redis_url}.get(state) or request.getfixturevalue("cluster_url")
     client = await gateway(state={"url": url}, clock=clock, **quota_team({"tokens_per_minute": 10_000}))
     sim = sim_of(client)
     answers = await asyncio.gather(*(post(client, {"model": MODEL, "input": [doc(i)]}) for i in range(100)))

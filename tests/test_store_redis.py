@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -45,6 +46,18 @@ async def test_pool_and_retry_options_reach_the_client() -> None:
     assert pool.connection_kwargs["socket_connect_timeout"] == 2.5
     assert client.get_retry().get_retries() == 3
     await client.aclose()
+
+
+async def test_more_concurrent_commands_than_connections_wait_for_one(redis_url: str) -> None:
+    observer = connect(redis_url, socket_timeout_s=2)
+    before = (await observer.info("clients"))["connected_clients"]
+    store = open_cache_store(redis_url, max_bytes=0, socket_timeout_s=2, options=cfg.RedisOptions(max_connections=2))
+    await store.set_many([(b"k", b"v")], ttl_s=60)
+    results = await asyncio.gather(*(store.get_many([b"k"]) for _ in range(50)))
+    assert results == [[b"v"]] * 50
+    assert (await observer.info("clients"))["connected_clients"] - before == 2
+    await observer.aclose()
+    await store.close()
 
 
 # ---- TLS ---------------------------------------------------------------------------------------------------
