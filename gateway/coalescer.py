@@ -138,6 +138,7 @@ class Coalescer:
         self._units: dict[bytes, asyncio.Future[Entry]] = {}
         self._unit_inputs = 0
         self._groups: dict[bytes, _Group] = {}
+        self._waiting: dict[bytes, _Group] = {}  # the groups with queued inputs (scanned per dispatch)
         self._tasks: set[asyncio.Task[None]] = set()
         self._owners = itertools.count(1)
         self._seq = itertools.count()
@@ -162,7 +163,7 @@ class Coalescer:
     @property
     def queued_inputs(self) -> int:
         """Inputs waiting for a batch (not yet sent)."""
-        return sum(g.queued for g in self._groups.values())
+        return sum(g.queued for g in self._waiting.values())
 
     @property
     def idle(self) -> bool:
@@ -262,6 +263,7 @@ class Coalescer:
         group.queued_tokens += pending.miss.estimate
         if group.since is None:
             group.since = asyncio.get_running_loop().time()
+            self._waiting[group.key] = group
 
     def _join(self, group: _Group, pending: _Pending, caller: _Caller) -> None:
         pending.waiters.append(caller.owner)
@@ -321,8 +323,8 @@ class Coalescer:
     def _next_group(self, now: float) -> _Group | None:
         best: _Group | None = None
         best_head: tuple[int, float, int] | None = None
-        for group in self._groups.values():
-            if not group.queued or not self._due(group, now):
+        for group in self._waiting.values():
+            if not self._due(group, now):
                 continue
             head = self._head(group)
             if best_head is None or head < best_head:
@@ -369,6 +371,7 @@ class Coalescer:
         if not group.queued:
             heap.clear()
             group.since = None
+            del self._waiting[group.key]
         if abandoned:
             self._fail(abandoned, UpstreamTimeout("every caller of this input has gone"))
         return batch
@@ -379,7 +382,7 @@ class Coalescer:
         wait_s = self.config.max_wait_ms / 1000
         when = None
         if self._slots > 0:
-            sinces = [g.since for g in self._groups.values() if g.queued and g.since is not None]
+            sinces = [g.since for g in self._waiting.values() if g.since is not None]
             when = min(sinces) + wait_s if sinces else None
         if self._timer is not None and (when is None or self._timer.when() != when):
             self._timer.cancel()
