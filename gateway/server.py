@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection as mpc
@@ -240,6 +241,18 @@ class Supervisor:
         return 0 if all(c == 0 for c in self.exit_codes) else 1
 
 
+def _drain_when_orphaned() -> None:
+    """Linux: a worker gets SIGTERM (and drains) when its supervisor dies, even by SIGKILL, instead of lingering."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _clear(path: str) -> None:
     for stale in Path(path).glob("*.db"):
         stale.unlink()
@@ -249,6 +262,7 @@ def _worker_main(
     config: cfg.Config, config_path: str | None, host: str, port: int, ready: Any, index: int
 ) -> None:
     logging.basicConfig(level=config.log_level, format="%(message)s", stream=sys.stderr)
+    _drain_when_orphaned()
 
     def announce() -> None:
         ready.send(os.getpid())

@@ -130,3 +130,21 @@ async def test_reload_applies_prices_and_coalescing(started: Started) -> None:
     billed = next(line for line in text.splitlines()
                   if line.startswith("eg_cost_usd_total") and 'kind="billed"' in line)
     assert float(billed.split()[-1]) == pytest.approx(tokens * 1000.0 / 1e6)
+
+
+async def test_reload_changes_a_teams_quota_from_the_next_request(started: Started) -> None:
+    data = base_config()
+    client, path = await started(data)
+    assert await embed(client, TEAM_A_KEY, "free") == 200
+    teams = [{**data["teams"][0], "quota": {"requests_per_minute": 1}}, data["teams"][1]]
+    path.write_text(yaml.safe_dump({**data, "teams": teams}))
+    assert client.app[K.LIVE].reload()
+    assert await embed(client, TEAM_A_KEY, "first") == 200
+    resp = await client.post("/v1/embeddings", json={"model": "jina-embeddings-v3", "input": ["second"]},
+                             headers=auth(TEAM_A_KEY))
+    assert resp.status == 429 and (await resp.json())["code"] == "RATE_REQUEST_LIMIT_EXCEEDED"
+    assert "RateLimit-Policy" in resp.headers
+    assert await embed(client, TEAM_B_KEY, "other team") == 200
+    path.write_text(yaml.safe_dump(data))
+    assert client.app[K.LIVE].reload()
+    assert await embed(client, TEAM_A_KEY, "unlimited again") == 200

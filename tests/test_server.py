@@ -236,3 +236,18 @@ async def test_two_workers_share_the_port_and_metrics_add_up(serve: Callable[...
         assert await metric(session, gw.url, "eg_requests_total", route="/v1/embeddings", status="200") == 40
     gw.signal(signal.SIGTERM)
     assert await gw.exit_code(within=25) == 0
+
+
+async def test_workers_drain_and_leave_when_the_supervisor_is_killed(serve: Callable[..., Awaitable[Proc]]) -> None:
+    gw = await serve(file_config(), "--workers", "2")
+    gw.signal(signal.SIGKILL)
+    assert await gw.exit_code(within=25) == -signal.SIGKILL
+    for _ in range(1000):  # the workers got SIGTERM from the kernel (PR_SET_PDEATHSIG) and closed the port
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+                await session.get(f"{gw.url}/healthz")
+        except aiohttp.ClientConnectionError:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the workers still serve after their supervisor died")
