@@ -52,12 +52,13 @@ class Proc:
                 self.lines.append(raw.decode())
                 self._new_line.notify_all()
 
-    async def line_with(self, text: str, after: int = 0) -> str:
-        """Waits (an event, not a sleep) for a stderr line containing `text` among lines[after:]."""
+    async def line_with(self, text: str, after: int = 0, count: int = 1) -> str:
+        """Waits (an event, not a sleep) for `count` stderr lines containing `text` among lines[after:]."""
+        def seen() -> int:
+            return sum(text in line for line in self.lines[after:])
+
         async with self._new_line:
-            await asyncio.wait_for(
-                self._new_line.wait_for(lambda: any(text in line for line in self.lines[after:])), 30
-            )
+            await asyncio.wait_for(self._new_line.wait_for(lambda: seen() >= count), 30)
         return next(line for line in self.lines[after:] if text in line)
 
     def signal(self, sig: int) -> None:
@@ -200,8 +201,11 @@ async def test_sighup_rotates_keys_without_a_failed_request_and_refuses_a_bad_fi
     assert await gw.exit_code(within=25) == 0
 
 
-async def test_two_workers_share_the_port_and_metrics_add_up(serve: Callable[..., Awaitable[Proc]]) -> None:
-    gw = await serve(file_config(upstream={"sim": {"latency_base_ms": 1}}), "--workers", "2")
+async def test_two_workers_share_the_port_and_metrics_add_up(
+    serve: Callable[..., Awaitable[Proc]], tmp_path: Path
+) -> None:
+    data = file_config(upstream={"sim": {"latency_base_ms": 1}})
+    gw = await serve(data, "--workers", "2")
     pids = {int(p) for p in re.findall(r"\d+", gw.listening.split("pids")[1])}
     assert len(pids) == 2
     # A new connection per request, so the kernel spreads them over both listening sockets.
@@ -224,6 +228,17 @@ async def test_two_workers_share_the_port_and_metrics_add_up(serve: Callable[...
         assert await metric(session, gw.url, "eg_inputs_total", outcome="miss") == 120
         assert await metric(session, gw.url, "eg_workers") == 2
 
+        # SIGHUP to the supervisor reaches every worker: each one reloads, whichever answers.
+        teams = [data["teams"][1], {"name": "team-c", "keys": [hash_key(TEAM_C_KEY)]}]
+        (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({**data, "teams": teams}))
+        gw.signal(signal.SIGHUP)
+        await gw.line_with("config reloaded", count=2)
+        body = {"model": "jina-embeddings-v3", "input": ["after reload"]}
+        for key, expected in ((TEAM_A_KEY, 401), (TEAM_C_KEY, 200)):
+            for _ in range(10):
+                async with session.post(f"{gw.url}/v1/embeddings", json=body, headers=auth(key)) as resp:
+                    assert resp.status == expected
+
         # A worker killed with -9 is replaced; the dead one's counters stay in the totals, its gauges go.
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
@@ -233,7 +248,7 @@ async def test_two_workers_share_the_port_and_metrics_add_up(serve: Callable[...
                 break
             await asyncio.sleep(0.01)
         assert await metric(session, gw.url, "eg_workers") == 2
-        assert await metric(session, gw.url, "eg_requests_total", route="/v1/embeddings", status="200") == 40
+        assert await metric(session, gw.url, "eg_requests_total", route="/v1/embeddings", status="200") == 50
     gw.signal(signal.SIGTERM)
     assert await gw.exit_code(within=25) == 0
 
