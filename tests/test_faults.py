@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestClient
 from gateway import appkeys as K
 from gateway import config as cfg
 from gateway.app import create_app
+from gateway.auth import hash_key
 from gateway.sim import Fault, SimConfig, Simulator, start_sim
 
 from .conftest import ADMIN_KEY, TEAM_A_KEY, base_config, merge
@@ -288,20 +289,27 @@ async def test_cache_redis_killed_and_restarted_under_load(
 # ---- the state Redis ---------------------------------------------------------------------------------------
 
 
-async def test_state_redis_killed_and_restarted_under_load_loses_no_usage(
-    rig_factory: Callable[..., Awaitable[Rig]],
+@pytest.mark.parametrize("on_store_error", ["open", "closed"])
+async def test_state_redis_killed_and_restarted_under_load(
+    rig_factory: Callable[..., Awaitable[Rig]], on_store_error: str
 ) -> None:
-    """Usage is tallied in process and flushed; while the state Redis is down requests still succeed, the usage
-    API says 503, and once it is back every request is counted exactly once (an AOF-backed Redis, as in prod)."""
+    """Quotas and usage live in the state Redis. While it is down, quota admission falls back to the local
+    limiter (`open`) or answers 503 (`closed`), the usage API answers 503, and usage is tallied in process; once
+    it is back every answered request is counted exactly once (an AOF-backed Redis, as in production)."""
     state = RedisServer(None, "--appendonly", "yes", "--appendfsync", "always").start()
     try:
         rig = await rig_factory(
-            state={"url": state.url, "socket_timeout_s": 0.5}, usage={"flush_interval_s": 0.05}
+            state={"url": state.url, "socket_timeout_s": 0.5},
+            usage={"flush_interval_s": 0.05},
+            quota={"on_store_error": on_store_error, "error_backoff_s": 0.2},
+            teams=[{"name": "team-a", "keys": [hash_key(TEAM_A_KEY)], "quota": {"tokens_per_month": 10**9}}],
         )
         rig.ports[state.port] = "state-redis"
-        name = "state Redis killed and restarted"
+        name = f"state Redis killed and restarted (quota {on_store_error})"
+        down = {503: {"QUOTA_STORE_UNAVAILABLE"}} if on_store_error == "closed" else {}
         sent: list[Answer] = []
         record(name, answers := await rig.load(bodies("state warm", 20)))
+        assert all(a.status == 200 and "RateLimit" in a.headers for a in answers)
         sent += answers
         before = await rig.settle()
 
@@ -314,26 +322,39 @@ async def test_state_redis_killed_and_restarted_under_load_loses_no_usage(
         sent += answers
         record(name, answers := await rig.load(bodies("state down", 20)))
         sent += answers
+        for answer in sent:
+            if answer.status != 200:
+                assert_error_shape(answer, down)
+        if on_store_error == "closed":
+            assert {a.status for a in answers} == {503}
         during = await rig.load_usage()
         record(name, [during])
         assert_error_shape(during, {503: {"STATE_UNAVAILABLE"}})
 
         state.start()
-        expected = {
-            "requests": len(sent),
-            "inputs": sum(len(a.json()["data"]) for a in sent),
-            "hits": sum(int(a.headers["X-Cache-Hits"]) for a in sent),
-            "misses": sum(int(a.headers["X-Cache-Misses"]) for a in sent),
-            "joined": sum(int(a.headers["X-Cache-Joined"]) for a in sent),
-            "upstream_tokens": sum(int(a.headers["X-Upstream-Tokens"]) for a in sent),
-        }
-        assert all(a.status == 200 for a in sent)
-        for _ in range(100):  # the client reconnects on its own; the next flush writes the backlog
+        probe = bodies("state back", 1)
+        for _ in range(200):  # the clients reconnect by themselves once the error backoff has passed
+            answers = await rig.load(probe)
+            if answers[0].status == 200:
+                break
+            await asyncio.sleep(0.05)
+        record(name, answers)
+        sent += answers
+        for _ in range(200):  # ...and the next flush writes the backlog
             report = await rig.load_usage()
             if report.status == 200:
                 break
             await asyncio.sleep(0.05)
         record(name, [report])
+        ok = [a for a in sent if a.status == 200]
+        expected = {
+            "requests": len(ok),
+            "inputs": sum(len(a.json()["data"]) for a in ok),
+            "hits": sum(int(a.headers["X-Cache-Hits"]) for a in ok),
+            "misses": sum(int(a.headers["X-Cache-Misses"]) for a in ok),
+            "joined": sum(int(a.headers["X-Cache-Joined"]) for a in ok),
+            "upstream_tokens": sum(int(a.headers["X-Upstream-Tokens"]) for a in ok),
+        }
         total = report.json()["total"]
         assert {k: total[k] for k in expected} == expected
         assert_no_leak(before, await rig.settle())
