@@ -79,6 +79,8 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         ttl_s=config.cache.ttl_s,
         error_backoff_s=config.cache.error_backoff_s,
         on_error=lambda op: metrics.store_errors.labels("cache", op).inc(),
+        # memory:// is in-process already: a hot LRU in front of it would only hold everything twice.
+        hot_max_bytes=0 if config.cache.url.startswith("memory://") else config.cache.hot_max_bytes,
     )
     app[K.CACHE] = cache
     state_redis = _state_client(config.state)

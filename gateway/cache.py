@@ -13,13 +13,14 @@ import logging
 import struct
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import xxhash
 
-from .protocol import EmbeddingRequest, Item, canonical_item
+from .protocol import EmbeddingRequest, Item, canonical_item, render_fragment
 from .store import CacheStore
 
 log = logging.getLogger("gateway.cache")
@@ -139,11 +140,77 @@ def _unpack_floats(buf: memoryview, flags: int) -> np.ndarray:
 # ---- the cache -------------------------------------------------------------------------------------------
 
 
+class HotCache:
+    """A bounded in-process LRU of decoded entries, and of their rendered JSON per output format, in front of
+    a shared store: a hot input costs no store round trip, no decode and no re-rendering.
+
+    Entries are immutable and content-addressed, so nothing here is ever invalidated. The bound counts each
+    vector's bytes, each memoised rendering's bytes and a fixed per-entry overhead.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._data: OrderedDict[bytes, _Hot] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: bytes) -> Entry | None:
+        hot = self._data.get(key)
+        if hot is None:
+            return None
+        self._data.move_to_end(key)
+        return hot.entry
+
+    def put(self, key: bytes, entry: Entry) -> None:
+        if key in self._data:
+            return
+        vectors = entry.vectors if isinstance(entry.vectors, list) else [entry.vectors]
+        cost = _HOT_OVERHEAD + sum(v.nbytes for v in vectors)
+        if cost > self.max_bytes:
+            return
+        self._data[key] = _Hot(entry, {}, cost)
+        self.bytes += cost
+        self._shrink()
+
+    def rendered(self, key: bytes, output: str) -> bytes | None:
+        hot = self._data.get(key)
+        return None if hot is None else hot.rendered.get(output)
+
+    def remember(self, key: bytes, output: str, fragment: bytes) -> None:
+        """Keeps a rendering of a resident entry (an entry no longer resident is not brought back)."""
+        hot = self._data.get(key)
+        if hot is None or output in hot.rendered:
+            return
+        hot.rendered[output] = fragment
+        hot.cost += len(fragment)
+        self.bytes += len(fragment)
+        self._shrink()
+
+    def _shrink(self) -> None:
+        while self.bytes > self.max_bytes and self._data:
+            _, old = self._data.popitem(last=False)
+            self.bytes -= old.cost
+
+
+@dataclass(slots=True)
+class _Hot:
+    entry: Entry
+    rendered: dict[str, bytes]
+    cost: int
+
+
+# Bytes a hot entry costs beyond its vectors: the key, the record, the dict slot and the array header.
+_HOT_OVERHEAD = 400
+
+
 class EmbeddingCache:
     """get_many/set_many over a store; store errors are logged, counted and bypassed, never raised.
 
     After an error the store is skipped for `error_backoff_s`, so an outage costs one timeout per backoff
-    period instead of one per request, and caching resumes by itself when the store is back.
+    period instead of one per request, and caching resumes by itself when the store is back. With
+    `hot_max_bytes`, a `HotCache` answers hot keys first (and keeps answering them while the store is down).
     """
 
     def __init__(
@@ -153,6 +220,7 @@ class EmbeddingCache:
         ttl_s: int,
         error_backoff_s: float = 1.0,
         on_error: Callable[[str], None] | None = None,
+        hot_max_bytes: int = 0,
     ) -> None:
         self.store = store
         self.on_error = on_error
@@ -160,6 +228,7 @@ class EmbeddingCache:
         self.error_backoff_s = error_backoff_s
         self.errors = 0
         self._skip_until = 0.0
+        self.hot = HotCache(hot_max_bytes) if hot_max_bytes > 0 else None
 
     def _available(self) -> bool:
         return time.monotonic() >= self._skip_until
@@ -172,6 +241,20 @@ class EmbeddingCache:
         log.warning("cache %s failed, bypassing the cache for %.1fs: %r", op, self.error_backoff_s, exc)
 
     async def get_many(self, keys: Sequence[bytes]) -> list[Entry | None]:
+        hot = self.hot
+        if hot is None:
+            return await self._fetch(keys)
+        out = [hot.get(key) for key in keys]
+        cold = [i for i, entry in enumerate(out) if entry is None]
+        if cold:
+            fetched = await self._fetch([keys[i] for i in cold])
+            for i, entry in zip(cold, fetched, strict=True):
+                if entry is not None:
+                    out[i] = entry
+                    hot.put(keys[i], entry)
+        return out
+
+    async def _fetch(self, keys: Sequence[bytes]) -> list[Entry | None]:
         if not keys or not self._available():
             return [None] * len(keys)
         try:
@@ -198,3 +281,17 @@ class EmbeddingCache:
         except Exception as exc:
             self._failed("set", exc)
 
+    def render(self, keys: Sequence[bytes], vectors: Sequence[np.ndarray], output: str) -> list[bytes]:
+        """Each vector's rendered `embedding` JSON (keys[i] is vectors[i]'s key, or no keys at all); a hot
+        entry is rendered once per output format and reused."""
+        hot = self.hot
+        if hot is None or len(keys) != len(vectors):
+            return [render_fragment(vec, output) for vec in vectors]
+        out = []
+        for key, vec in zip(keys, vectors, strict=True):
+            fragment = hot.rendered(key, output)
+            if fragment is None:
+                fragment = render_fragment(vec, output)
+                hot.remember(key, output, fragment)
+            out.append(fragment)
+        return out

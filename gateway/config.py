@@ -106,6 +106,8 @@ class Cache:
     error_backoff_s: float = 1.0
     socket_timeout_s: float = 0.5
     redis: RedisOptions = field(default_factory=RedisOptions)
+    # In-process LRU of hot entries (decoded, with their renderings) in front of a Redis cache; 0 = off.
+    hot_max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)

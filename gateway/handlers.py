@@ -17,7 +17,7 @@ from . import config as cfg
 from . import openapi as openapi_doc
 from .auth import Principal
 from .errors import Forbidden, GatewayError, PayloadTooLarge, RequestTimeout, StateUnavailable
-from .protocol import parse_embedding_request, parse_json_object, render_embeddings
+from .protocol import parse_embedding_request, parse_json_object, render_body
 from .quota import Reservation
 from .service import Outcome
 from .usage import Tally, build_report, parse_query
@@ -75,7 +75,8 @@ async def _embed(request: web.Request, team: cfg.Team) -> web.Response:
     outcome = await request.app[K.SERVICE].embed(
         team, req, deadline=started + config.limits.request_timeout_s
     )
-    payload = render_embeddings(req.model, outcome.vectors, outcome.tokens, req.output)
+    fragments = request.app[K.CACHE].render(outcome.keys, outcome.vectors, req.output)
+    payload = render_body(req.model, outcome.tokens, fragments)
     _account(request, team.name, req.model, len(req.items), outcome)
     return web.Response(body=payload, content_type="application/json", headers=_headers(outcome))
 

@@ -1,13 +1,16 @@
 """The wire format: parsing and validating embedding requests (Jina and OpenAI field names), rendering
 responses exactly as the upstream renders them, and error bodies.
 
-One `orjson.loads` per request and one `orjson.dumps` per response; vectors stay numpy arrays throughout,
-so no Python code touches individual floats.
+One `orjson.loads` per request; each vector is rendered by orjson (or binascii) straight from its numpy
+array and the fragments are spliced into the response, so no Python code touches individual floats and no
+dict is built per vector.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -135,18 +138,30 @@ def render_vector(vec: np.ndarray, output: str) -> Any:
     return (bits.astype(np.int16) - 128).astype(np.int8)
 
 
+def render_fragment(vec: np.ndarray, output: str) -> bytes:
+    """The JSON of one `embedding` value, byte for byte as orjson renders `render_vector(vec, output)`."""
+    if output == "base64" and vec.ndim == 1:
+        # base64 text never needs JSON escaping: quote it without building a str.
+        return b'"' + binascii.b2a_base64(np.ascontiguousarray(vec, dtype="<f4"), newline=False) + b'"'
+    return orjson.dumps(render_vector(vec, output), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def render_body(model: str, tokens: int, fragments: Sequence[bytes]) -> bytes:
+    """Splices rendered `embedding` values into the upstream's response shape, byte for byte what orjson
+    emits for `{"model", "object", "usage", "data": [{"object", "index", "embedding"}]}`: no dict per vector,
+    and one copy of the (possibly large) fragments."""
+    parts = [b'{"model":%b,"object":"list","usage":{"total_tokens":%d,"prompt_tokens":%d},"data":[' % (
+        orjson.dumps(model), tokens, tokens)]
+    for i, fragment in enumerate(fragments):
+        parts.append(b'%b{"object":"embedding","index":%d,"embedding":' % (b"," if i else b"", i))
+        parts.append(fragment)
+        parts.append(b"}")
+    parts.append(b"]}")
+    return b"".join(parts)
+
+
 def render_embeddings(model: str, vectors: list[np.ndarray], tokens: int, output: str) -> bytes:
-    data = [
-        {"object": "embedding", "index": i, "embedding": render_vector(vec, output)}
-        for i, vec in enumerate(vectors)
-    ]
-    body = {
-        "model": model,
-        "object": "list",
-        "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
-        "data": data,
-    }
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    return render_body(model, tokens, [render_fragment(vec, output) for vec in vectors])
 
 
 def error_body(detail: str, code: str) -> bytes:

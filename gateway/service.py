@@ -6,7 +6,7 @@ Both the `/v1/embeddings` handler and the batch worker call `EmbeddingService.em
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +32,7 @@ class Outcome:
     upstream_tokens: int = 0  # tokens billed for this request's own misses
     cached_tokens: int = 0  # tokens this request did not pay for (hits and joined)
     reservation: object = None  # what admission returned (the quota headers ride on it)
+    keys: list[bytes] = field(default_factory=list)  # each vector's cache key (empty for a unit)
 
 
 class Admission(Protocol):
@@ -89,6 +90,7 @@ class EmbeddingService:
         finally:
             await self._reconcile(outcome.reservation, outcome.upstream_tokens)
         outcome.vectors = [_vector(found[k]) for k in keys]
+        outcome.keys = keys
         outcome.tokens = sum(found[k].tokens for k in keys)
         outcome.cached_tokens = sum(found[k].tokens for k in unique) - outcome.upstream_tokens
         return outcome

@@ -1,0 +1,53 @@
+-- The bench's wrk script. Arguments after `--`: MODE FILE KEY [RUN]
+--   cycle:  FILE holds one request body per line; each thread cycles through them from its own offset.
+--   unique: FILE holds two lines, the text before and after a request-unique token (RUN-thread-counter),
+--           so every request carries inputs nobody has sent before.
+-- done() prints one JSON line that bench/load.py reads.
+
+local threads_started = 0
+local mode, bodies, n, i, pre, post, run, counter
+
+function setup(thread)
+  threads_started = threads_started + 1
+  thread:set("tid", threads_started)
+end
+
+function init(args)
+  mode = args[1]
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["Authorization"] = "Bearer " .. args[3]
+  if mode == "cycle" then
+    bodies = {}
+    for line in io.lines(args[2]) do bodies[#bodies + 1] = line end
+    n = #bodies
+    i = ((tid or 1) * 7919) % n
+  else
+    local f = assert(io.open(args[2]))
+    pre = f:read("*l")
+    post = f:read("*l")
+    f:close()
+    run = args[4] or "0"
+    counter = 0
+  end
+end
+
+function request()
+  local body
+  if mode == "cycle" then
+    i = i % n + 1
+    body = bodies[i]
+  else
+    counter = counter + 1
+    body = pre .. run .. "-" .. (tid or 1) .. "-" .. counter .. post
+  end
+  return wrk.format(nil, nil, nil, body)
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "errors": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d}\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
