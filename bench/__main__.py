@@ -17,7 +17,7 @@ from .procs import ROOT, Procs
 from .scenarios import Ctx, Settings, all_hits, all_misses, coalescing, memory, overlap
 
 SCENARIOS = {"1": all_hits, "3": all_misses, "4": overlap, "5": coalescing, "6": memory}
-SMOKE = Settings(duration_s=0.3, warmup_s=0.2, repeats=1, working_set=40, overlap_requests=40, redis_entries=64,
+SMOKE = Settings(duration_s=0.3, warmup_s=0.0, repeats=1, working_set=40, overlap_requests=40, redis_entries=64,
                  memory_entries=512, coalesce_concurrency=(1, 16), coalesce_latency_ms=5.0, high_concurrency=8)
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _save(args: argparse.Namespace, info: dict[str, object], gen: str, when: str, seconds: float, ctx: Ctx,
           text: str) -> None:
-    out = ROOT / "bench" / "results"
+    out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     result = {"when": when, "machine": info, "generator": gen, "smoke": args.smoke, "seconds": seconds,
               "settings": ctx.settings.__dict__, "rows": [r.__dict__ for r in ctx.rows], "raw": ctx.raw}
@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=3.0, help="seconds per measured run")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per load (the median is reported)")
     p.add_argument("--only", help="comma-separated scenarios: 1 (and 2), 3, 4, 5, 6")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the JSON results go")
     p.add_argument("--readme", action="store_true", help="write the table into README.md between the markers")
     return p
 

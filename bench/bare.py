@@ -8,10 +8,11 @@ import asyncio
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 
 def build_app(bodies: dict[str, bytes]) -> web.Application:
-    def answer(body: bytes) -> web.Handler:
+    def answer(body: bytes) -> Handler:
         async def handler(request: web.Request) -> web.Response:
             await request.read()
             return web.Response(body=body, content_type="application/json")

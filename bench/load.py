@@ -65,8 +65,9 @@ def run(gen: str, load: Load) -> Result:
     # `once` needs exact counts (every body sent exactly once), which only the Python client gives.
     run_id = f"r{next(_runs)}x{id(load) % 100000}"
     if gen == "wrk" and load.mode != "once":
-        args = ["wrk", "-t1", f"-c{load.concurrency}", f"-d{max(1, math.ceil(load.duration_s))}s", "--latency",
-                "--timeout", "30s", "-s", str(HERE / "wrk.lua"), load.url, "--", load.mode, str(load.file), BENCH_KEY, run_id]
+        seconds = max(1, math.ceil(load.duration_s))  # wrk takes whole seconds
+        args = ["wrk", "-t1", f"-c{load.concurrency}", f"-d{seconds}s", "--latency", "--timeout", "30s",
+                "-s", str(HERE / "wrk.lua"), load.url, "--", load.mode, str(load.file), BENCH_KEY, run_id]
     else:
         args = [sys.executable, "-m", "bench.pyload", "--url", load.url, "--mode", load.mode, "--file",
                 str(load.file), "--key", BENCH_KEY, "--run", run_id, "--concurrency", str(load.concurrency),

@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -26,7 +26,7 @@ def bodies_of(mode: str, file: str, run: str, worker: int) -> Iterator[bytes]:
     return itertools.cycle(lines[start:] + lines[:start])
 
 
-async def drive(args: argparse.Namespace) -> dict[str, float]:
+async def drive(args: argparse.Namespace, lines: list[bytes]) -> dict[str, float]:
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {args.key}"}
     latencies: list[float] = []
     errors = 0
@@ -44,7 +44,7 @@ async def drive(args: argparse.Namespace) -> dict[str, float]:
 
         started = time.perf_counter()
         if args.mode == "once":
-            shared = iter([line for line in Path(args.file).read_bytes().split(b"\n") if line])
+            shared = iter(lines)
             workers = [_worker(one, shared, lambda: True) for _ in range(args.concurrency)]
         else:
             end = started + args.duration
@@ -65,11 +65,13 @@ async def drive(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-async def _worker(one: Callable[[bytes], object], bodies: Iterator[bytes], go_on: Callable[[], bool]) -> None:
+async def _worker(
+    one: Callable[[bytes], Awaitable[None]], bodies: Iterator[bytes], go_on: Callable[[], bool]
+) -> None:
     for body in bodies:
         if not go_on():
             return
-        await one(body)  # type: ignore[misc]
+        await one(body)
 
 
 def main() -> None:
@@ -88,7 +90,8 @@ def main() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    print(orjson.dumps(asyncio.run(drive(args))).decode(), flush=True)
+    lines = [line for line in Path(args.file).read_bytes().split(b"\n") if line] if args.mode == "once" else []
+    print(orjson.dumps(asyncio.run(drive(args, lines))).decode(), flush=True)
 
 
 if __name__ == "__main__":

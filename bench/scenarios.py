@@ -130,7 +130,7 @@ def fill(ctx: Ctx, target: Proc, name: str, bodies: list[bytes], concurrency: in
 def measure(ctx: Ctx, loads: dict[str, load.Load]) -> dict[str, load.Result]:
     """Warms each load up, then runs them interleaved `repeats` times; the median run of each (by req/s)."""
     s = ctx.settings
-    for ld in loads.values():
+    for ld in loads.values() if s.warmup_s > 0 else ():
         load.run(ctx.gen, ld.lasting(s.warmup_s))
     runs: dict[str, list[load.Result]] = {name: [] for name in loads}
     for _ in range(s.repeats):
@@ -256,7 +256,7 @@ def coalescing(ctx: Ctx) -> None:
         d = max(s.duration_s, 3.0) if c == 1 and s.duration_s >= 1 else s.duration_s
         loads = {"gateway": ctx.load(gw, "unique", template, c, d),
                  "sim": ctx.load(sim, "unique", template, c, d)}
-        for ld in loads.values():
+        for ld in loads.values() if s.warmup_s > 0 else ():
             load.run(ctx.gen, ld.lasting(s.warmup_s))
         runs: dict[str, list[load.Result]] = {"gateway": [], "sim": []}
         counts: list[float] = []

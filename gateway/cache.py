@@ -183,6 +183,7 @@ class HotCache:
         hot = self._data.get(key)
         if hot is None or output in hot.rendered:
             return
+        self._data.move_to_end(key)
         hot.rendered[output] = fragment
         hot.cost += len(fragment)
         self.bytes += len(fragment)

@@ -142,7 +142,7 @@ def render_fragment(vec: np.ndarray, output: str) -> bytes:
     """The JSON of one `embedding` value, byte for byte as orjson renders `render_vector(vec, output)`."""
     if output == "base64" and vec.ndim == 1:
         # base64 text never needs JSON escaping: quote it without building a str.
-        return b'"' + binascii.b2a_base64(np.ascontiguousarray(vec, dtype="<f4"), newline=False) + b'"'
+        return b'"' + binascii.b2a_base64(vec.astype("<f4", copy=False).tobytes(), newline=False) + b'"'
     return orjson.dumps(render_vector(vec, output), option=orjson.OPT_SERIALIZE_NUMPY)
 
 

@@ -6,12 +6,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import ClientSession
 
-from gateway.cache import EmbeddingCache, decode, encode, encode_unit, item_keys, key_prefix, unit_key
+from gateway.cache import EmbeddingCache, Entry, HotCache, decode, encode, encode_unit, item_keys, key_prefix, unit_key
 from gateway.keys import CACHE_PREFIX
 from gateway.protocol import parse_embedding_request
+from gateway.sim import Simulator, start_sim
 from gateway.store import CacheStore, open_cache_store
 
 from .conftest import Gateway, auth, sim_of
@@ -209,3 +212,63 @@ def test_undecodable_entry_is_a_miss() -> None:
     cache = EmbeddingCache(open_cache_store("memory://", max_bytes=10), ttl_s=1)
     assert cache._decode(b"\x09garbage") is None
     assert cache._decode(encode(unit_vector(8), 2)[:-3]) is None
+
+
+# ---- the hot LRU in front of a shared store ----------------------------------------------------------------
+
+
+def test_hot_cache_is_an_lru_bounded_by_bytes_renderings_included() -> None:
+    entries = {k: Entry(vectors=unit_vector(256, i), tokens=i) for i, k in enumerate([b"a", b"b", b"c", b"d"])}
+    cost = 256 * 4 + 400
+    hot = HotCache(3 * cost)
+    for key in (b"a", b"b", b"c"):
+        hot.put(key, entries[key])
+    assert hot.get(b"a") is entries[b"a"]  # recency now: b, c, a
+    hot.put(b"d", entries[b"d"])  # b goes: c, a, d
+    assert hot.get(b"b") is None and len(hot) == 3 and hot.bytes == 3 * cost
+    hot.remember(b"a", "float", b"x" * 100)  # a rendering is a use and counts too: c goes; d, a
+    assert hot.rendered(b"a", "float") == b"x" * 100
+    assert hot.get(b"c") is None and hot.get(b"d") is entries[b"d"]
+    assert len(hot) == 2 and hot.bytes == 2 * cost + 100
+    hot.remember(b"b", "float", b"y")  # b is not resident: nothing is kept for it
+    assert hot.rendered(b"b", "float") is None and hot.bytes == 2 * cost + 100
+    tiny = HotCache(100)  # an entry bigger than the whole bound is not kept
+    tiny.put(b"a", entries[b"a"])
+    assert len(tiny) == 0 and tiny.bytes == 0
+
+
+async def test_hot_entries_render_byte_identically_and_survive_a_flushed_redis(
+    gateway: Gateway, redis_url: str
+) -> None:
+    client = await gateway(cache={"url": redis_url})
+    sim = sim_of(client)
+    body = {"model": "jina-embeddings-v3", "input": ["hot one", "hot two", "hot one"], "dimensions": 64}
+
+    async def post(extra: dict[str, Any]) -> tuple[Any, bytes]:
+        resp = await client.post("/v1/embeddings", data=orjson.dumps({**body, **extra}), headers=auth())
+        assert resp.status == 200
+        return resp.headers, await resp.read()
+
+    await post({})  # misses: upstream, then Redis
+    await post({})  # Redis hits: now hot
+    calls = sim.calls
+    r = aioredis.Redis.from_url(redis_url)
+    await r.flushall()  # only the hot LRU has them now
+    await r.aclose()
+    for fmt in ({}, {"embedding_type": "base64"}, {"embedding_type": "binary"}, {"encoding_format": "float"},
+                {"embedding_type": "ubinary"}):
+        first_headers, first = await post(fmt)
+        _, memoised = await post(fmt)  # the second rendering of a hot entry is the memoised one
+        assert first_headers["X-Cache-Hits"] == "2"
+        assert first == memoised == await direct_body(Simulator(sim.config), {**body, **fmt})
+    assert sim.calls == calls
+
+
+async def direct_body(sim: Simulator, body: dict[str, Any]) -> bytes:
+    runner, url = await start_sim(sim)
+    try:
+        async with ClientSession() as session, session.post(url + "/embeddings", data=orjson.dumps(body)) as resp:
+            assert resp.status == 200
+            return await resp.read()
+    finally:
+        await runner.cleanup()

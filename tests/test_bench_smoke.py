@@ -1,0 +1,34 @@
+"""The bench (`python -m bench`) starts its processes, drives every scenario on a tiny load and prints its
+table. It measures nothing here: the figures of a smoke run mean nothing and are not asserted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_smoke_prints_a_table_and_writes_json(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--results", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("scenario") and "gateway" in line and "reference" in line for line in lines)
+    for number in "123456":
+        assert any(line.startswith(f"{number} ") for line in lines), f"no row for scenario {number}"
+    assert "cores" in lines[0]
+    result = orjson.loads((tmp_path / "latest.json").read_bytes())
+    assert result["smoke"] is True and len(result["rows"]) >= 10
+    # Scenario 4 counts exactly even on a tiny load: every unique input went upstream once.
+    overlap = result["raw"]["overlap"]
+    assert overlap["upstream_inputs"] == overlap["unique_inputs"]
