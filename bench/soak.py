@@ -38,6 +38,7 @@ ADMIN_KEY = "eg-soak-admin-key"
 METRICS_TOKEN = "soak-metrics-token"
 MODELS = ("jina-embeddings-v3", "jina-embeddings-v5-text-nano")
 FORMATS = ("float", "base64", "binary", "ubinary")
+QUOTA = {"requests_per_minute": 1200, "tokens_per_day": 10**9}
 
 
 def free_port() -> int:
@@ -95,7 +96,9 @@ def start_children(workdir: Path, sim_latency_ms: float) -> tuple[list[Child], C
         "state": {"url": f"redis://127.0.0.1:{redis_port}/1"},
         "limits": {"request_timeout_s": 10},
         "metrics": {"token": METRICS_TOKEN},
-        "teams": [{"name": name, "keys": [hash_key(key)]} for name, key in TEAM_KEYS.items()],
+        # One team with a quota it runs into: 429s and the quota's Redis path are part of the mix.
+        "teams": [{"name": name, "keys": [hash_key(key)], **({"quota": QUOTA} if name == "soak-2" else {})}
+                  for name, key in TEAM_KEYS.items()],
         "admin_keys": [hash_key(ADMIN_KEY)],
         "log_level": "WARNING",
     }
