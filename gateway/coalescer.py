@@ -144,7 +144,10 @@ class Coalescer:
         self._seq = itertools.count()
         self._fair = _FairClock()
         self._slots = upstream_config.limits.max_concurrency
-        self._timer: asyncio.TimerHandle | None = None
+        # A plain Handle is possible: uvloop's call_at runs a callback less than 0.5 ms away as call_soon, and
+        # such a Handle has no when(), so the moment it was armed for is kept beside it.
+        self._timer: asyncio.Handle | None = None
+        self._timer_when = 0.0
         self._closing = False
         self.calls = 0  # upstream calls made (re-sends of a rejected batch included)
         self.joins = 0  # inputs answered by a flight another caller started
@@ -384,11 +387,12 @@ class Coalescer:
         if self._slots > 0:
             sinces = [g.since for g in self._waiting.values() if g.since is not None]
             when = min(sinces) + wait_s if sinces else None
-        if self._timer is not None and (when is None or self._timer.when() != when):
+        if self._timer is not None and (when is None or self._timer_when != when):
             self._timer.cancel()
             self._timer = None
         if when is not None and self._timer is None:
             self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+            self._timer_when = when
 
     def _on_timer(self) -> None:
         self._timer = None
