@@ -471,3 +471,34 @@ def test_soak_script_runs_and_reports() -> None:
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "soak: PASS" in out.stdout and '"rss_mib_end"' in out.stdout
+
+
+# ---- the event loop `serve` runs on ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_wait_ms", [0.0, 0.3, 1.0])
+def test_a_burst_under_uvloop_gets_no_500(max_wait_ms: float) -> None:
+    """`serve` runs on uvloop, whose `call_at` for a moment already past returns a plain Handle (no `when()`):
+    the coalescer's batching timer must work with both loops. A burst of overlapping requests, no 5xx."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def burst() -> list[Answer]:
+        sim = Simulator(SimConfig(latency_base_ms=2))
+        sim_runner, sim_url = await start_sim(sim)
+        data = base_config(upstream={"url": sim_url, "limits": {"max_concurrency": 2}},
+                           coalesce={"max_wait_ms": max_wait_ms})
+        runner = web.AppRunner(create_app(cfg.build(cfg.Config, data, "")))
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/embeddings"
+            return await fire(url, bodies("uvloop", 300, per_request=4, distinct=97), TEAM_A_KEY,
+                              outer_timeout_s=OUTER_S, concurrency=64)
+        finally:
+            await runner.cleanup()
+            await sim_runner.cleanup()
+
+    answers = uvloop.run(burst())
+    record("a burst under uvloop", answers)
+    assert [a.what for a in answers if a.status != 200] == []
