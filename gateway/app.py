@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,10 +13,12 @@ import aiohttp
 from aiohttp import web
 
 from . import appkeys as K
+from . import batch_api, handlers
 from . import config as cfg
-from . import handlers
+from .batch import BatchWorker
 from .cache import EmbeddingCache
 from .coalescer import Coalescer
+from .jobs import JobStore, open_job_store
 from .live import LiveConfig
 from .metrics import Metrics, replace
 from .middleware import access_middleware, auth_middleware, error_middleware
@@ -56,6 +59,8 @@ def create_app(
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/v1/usage", handlers.usage)
     app.router.add_get("/openapi.json", handlers.openapi)
+    batch_api.add_routes(app.router)
+    app.on_shutdown.append(_stop_batch)  # a drain gives batch leases back before requests are cut
     return app
 
 
@@ -100,10 +105,12 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         )
         app[K.COALESCER] = coalescer
         live.on_change(coalescer.reconfigure)
-        app[K.SERVICE] = EmbeddingService(cache, coalescer, scope=config.cache.scope, admission=quota)
+        service = app[K.SERVICE] = EmbeddingService(cache, coalescer, scope=config.cache.scope, admission=quota)
+        app[K.BATCH_WORKER] = _batch_worker(app, state_redis, service, usage)
         try:
             yield
         finally:
+            await app[K.BATCH_WORKER].stop()  # idempotent: on_shutdown has usually done it already
             await coalescer.close()
             await usage.close()  # after in-flight requests were tallied, before the state client closes
             await store.close()
@@ -172,6 +179,28 @@ def _pacer(app: web.Application, state_redis: Any) -> Pacer | None:
     else:
         backend = RedisPacingBackend(state_redis, budget_id(config.upstream))
     return Pacer(limits, backend, app[K.METRICS], clock=clock, error_backoff_s=config.quota.error_backoff_s)
+
+
+def _batch_worker(
+    app: web.Application, state_redis: Any, service: EmbeddingService, usage: UsageRecorder
+) -> BatchWorker:
+    live, metrics = app[K.LIVE], app[K.METRICS]
+    batch = live.config.batch
+    jobs = app[K.JOB_STORE] = open_job_store(state_redis, lease_s=batch.lease_s, retention_s=batch.retention_s)
+    worker = BatchWorker(jobs, service, live, metrics, usage)
+    metrics.on_scrape(functools.partial(_batch_snapshot, jobs, metrics), name="batch_jobs")
+    worker.start()
+    return worker
+
+
+async def _batch_snapshot(jobs: JobStore, metrics: Metrics) -> None:
+    replace(metrics.batch_jobs, {(status,): n for status, n in (await jobs.active_counts()).items()})
+
+
+async def _stop_batch(app: web.Application) -> None:
+    worker = app.get(K.BATCH_WORKER)
+    if worker is not None:
+        await worker.stop()
 
 
 def _sim_config(s: cfg.SimSettings) -> SimConfig:

@@ -7,8 +7,10 @@ from typing import Any
 from aiohttp import web
 
 from .auth import Principal
+from .batch import BatchWorker
 from .cache import EmbeddingCache
 from .coalescer import Coalescer
+from .jobs import JobStore
 from .live import LiveConfig
 from .metrics import Metrics
 from .quota import Clock, QuotaGate
@@ -31,6 +33,9 @@ QUOTA = web.AppKey("quota", QuotaGate)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 # The state store's Redis client (quotas, usage, jobs), or None when `state.url` is memory://.
 STATE_REDIS: web.AppKey[Any] = web.AppKey("state_redis")
+# Batch files and jobs (in the state store, or in memory), and this process's worker that runs jobs.
+JOB_STORE: web.AppKey[JobStore] = web.AppKey("job_store")
+BATCH_WORKER = web.AppKey("batch_worker", BatchWorker)
 # The in-process simulated upstream when `upstream.url` is `sim://` (tests read its counters).
 SIMULATOR = web.AppKey("simulator", Simulator)
 

@@ -176,6 +176,36 @@ class Usage:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Batch:
+    """Batch jobs (files + jobs in the state store) and this process's worker that runs them."""
+
+    max_file_bytes: int = 100 * 1024 * 1024
+    max_lines_per_file: int = 50_000
+    # Jobs of one team that are queued or running at once; more get 429.
+    max_active_jobs_per_team: int = 4
+    # Jobs this process runs at once (0: this replica accepts jobs but leaves running them to others).
+    workers: int = 2
+    # A running job's claim expires this long after its holder stops renewing it (crash → takeover).
+    lease_s: float = 30.0
+    # How often a running job renews its lease and looks for a cancel.
+    heartbeat_s: float = 1.0
+    # How often an idle worker looks for jobs another replica accepted.
+    poll_s: float = 1.0
+    # Lines per checkpoint: a crash re-runs at most this many lines (from the cache, so free).
+    chunk_lines: int = 256
+    # Chunks of one job in flight at once (committed in order).
+    chunks_in_flight: int = 4
+    # Inputs merged into one call of the embedding service.
+    max_inputs_per_call: int = 2048
+    # Deadline of one such call: batch work queues behind interactive work, so it is generous.
+    call_timeout_s: float = 300.0
+    # Attempts at lines whose upstream calls keep failing (5xx, timeouts) before they go to the errors stream.
+    max_attempts: int = 5
+    # Files, finished jobs, their output and errors are deleted this long after they were written or finished.
+    retention_s: int = 24 * 3600
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
     upstream: Upstream = field(default_factory=Upstream)
@@ -186,6 +216,7 @@ class Config:
     quota: QuotaSettings = field(default_factory=QuotaSettings)
     metrics: Metrics = field(default_factory=Metrics)
     usage: Usage = field(default_factory=Usage)
+    batch: Batch = field(default_factory=Batch)
     teams: tuple[Team, ...] = ()
     admin_keys: tuple[str, ...] = ()
     # USD per 1M tokens, per model, for the cost metrics and the usage API.
@@ -264,6 +295,7 @@ def _check(config: Config) -> None:
     for where, url in (("cache.url", config.cache.url), ("state.url", config.state.url)):
         _check_store_url(url, where)
     _check_limits(config)
+    _check_batch(config.batch)
 
 
 def _check_store_url(url: str, where: str) -> None:
@@ -302,6 +334,20 @@ def _check_limits(config: Config) -> None:
                           ("upstream.limits.margin_s", limits.margin_s)]:
         if number < 0:
             raise ConfigError(f"{where}: must not be negative, got {number}")
+
+
+def _check_batch(batch: Batch) -> None:
+    for name in ("max_file_bytes", "max_lines_per_file", "max_active_jobs_per_team", "chunk_lines",
+                 "chunks_in_flight", "max_inputs_per_call", "max_attempts", "retention_s"):
+        if getattr(batch, name) < 1:
+            raise ConfigError(f"batch.{name}: must be at least 1")
+    if batch.workers < 0:
+        raise ConfigError("batch.workers: must be 0 or more")
+    for name in ("heartbeat_s", "poll_s", "call_timeout_s"):
+        if getattr(batch, name) <= 0:
+            raise ConfigError(f"batch.{name}: must be positive")
+    if batch.lease_s < 2 * batch.heartbeat_s:
+        raise ConfigError("batch.lease_s: must be at least twice batch.heartbeat_s, or a live worker loses its jobs")
 
 
 def _check_key_hash(key: str, where: str) -> None:

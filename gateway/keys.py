@@ -40,3 +40,15 @@ def pacing_keys(budget: str) -> tuple[str, str]:
     """The log and meta keys of one upstream budget (one upstream URL and key)."""
     tag = f"{PACING_PREFIX}{{{budget}}}"
     return f"{tag}:log", f"{tag}:meta"
+
+
+# Batch jobs and their files (gateway/batch.py). Everything of one team shares the `{team}` hash tag, so the
+# scripts in store/lua/batch_*.lua touch one slot. The runnable-jobs index spans teams: it is only ever read
+# and edited with plain commands, never inside a script.
+BATCH_PREFIX = STATE_PREFIX + "batch:"
+BATCH_RUNNABLE = BATCH_PREFIX + "runnable"  # zset: "<job id> <team>" by creation time
+
+
+def batch_key(team: str, *parts: str) -> str:
+    """`eg:batch:{team}:<parts joined by ':'>`: a file, a job, or one of a job's lists."""
+    return f"{BATCH_PREFIX}{{{team}}}:" + ":".join(parts)

@@ -33,6 +33,7 @@ class Outcome:
     cached_tokens: int = 0  # tokens this request did not pay for (hits and joined)
     reservation: object = None  # what admission returned (the quota headers ride on it)
     keys: list[bytes] = field(default_factory=list)  # each vector's cache key (empty for a unit)
+    item_tokens: list[int] = field(default_factory=list)  # tokens of each input, in order (not for units)
 
 
 class Admission(Protocol):
@@ -91,7 +92,8 @@ class EmbeddingService:
             await self._reconcile(outcome.reservation, outcome.upstream_tokens)
         outcome.vectors = [_vector(found[k]) for k in keys]
         outcome.keys = keys
-        outcome.tokens = sum(found[k].tokens for k in keys)
+        outcome.item_tokens = [found[k].tokens for k in keys]
+        outcome.tokens = sum(outcome.item_tokens)
         outcome.cached_tokens = sum(found[k].tokens for k in unique) - outcome.upstream_tokens
         return outcome
 

@@ -366,6 +366,7 @@ class Simulator:
     inputs: int  # inputs billed in those answers
     tokens: int  # tokens billed in those answers
     requests: list[dict[str, Any]]  # every body that parsed as a JSON object, in order
+    dropped: int  # answers not counted because the caller had gone when they were ready
 
     def __init__(
         self,
@@ -379,6 +380,10 @@ class Simulator:
         self._sleep = sleep
         self._faults: deque[Fault] = deque()
         self._window: deque[float] = deque()
+        # Cleared by pause(): answers wait (a crash test can stop the upstream mid-job, then kill the gateway).
+        self._open = asyncio.Event()
+        self._open.set()
+        self._held: dict[int, web.Request] = {}  # by id(): requests are not hashable
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -388,6 +393,20 @@ class Simulator:
         self.inputs = 0
         self.tokens = 0
         self.requests = []
+        self.dropped = 0
+
+    def pause(self) -> None:
+        """Valid requests wait before they are answered (and billed) until `resume()`."""
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    def stats(self) -> dict[str, int]:
+        """The counters, and the paused requests (`held`) of which `held_gone` lost their caller."""
+        gone = sum(1 for r in self._held.values() if r.transport is None or r.transport.is_closing())
+        return {"calls": self.calls, "ok_calls": self.ok_calls, "inputs": self.inputs, "tokens": self.tokens,
+                "dropped": self.dropped, "held": len(self._held), "held_gone": gone}
 
     def inject(self, *faults: Fault) -> None:
         for fault in faults:
@@ -408,7 +427,21 @@ class Simulator:
         app.router.add_post("/v1/embeddings", self._handle)
         app.router.add_post("/embeddings", self._handle)
         app.router.add_get("/", self._health)
+        # Control of a sim running as its own process (`embedding-gateway sim`): its counters, pause, resume.
+        app.router.add_get("/_sim/stats", self._stats)
+        app.router.add_post("/_sim/pause", self._control)
+        app.router.add_post("/_sim/resume", self._control)
         return app
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return _json(self.stats())
+
+    async def _control(self, request: web.Request) -> web.Response:
+        if request.path.endswith("/pause"):
+            self.pause()
+        else:
+            self.resume()
+        return _json(self.stats())
 
     def token_count(self, item: str | dict[str, Any]) -> int:
         """Tokens one input costs before truncation (the per-input count the sim bills)."""
@@ -453,12 +486,24 @@ class Simulator:
         delay_ms = self.config.latency_base_ms + self.config.latency_per_token_ms * total
         if delay_ms > 0:
             await self._sleep(delay_ms / 1000)
+        if not self._open.is_set():
+            await self._hold(request)
+        if request.transport is None or request.transport.is_closing():
+            self.dropped += 1  # the caller is gone: nothing is delivered, nothing billed
+            return web.Response(status=499)
         payload = _response_body(req, _vectors(req), drop_last=short)
         if not short:
             self.ok_calls += 1
             self.inputs += len(req.items)
             self.tokens += total
         return web.Response(body=payload, content_type="application/json")
+
+    async def _hold(self, request: web.Request) -> None:
+        self._held[id(request)] = request
+        try:
+            await self._open.wait()
+        finally:
+            del self._held[id(request)]
 
     def _authorize(self, request: web.Request) -> None:
         key = self.config.api_key

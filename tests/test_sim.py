@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 from typing import Any
 
@@ -531,3 +533,47 @@ async def test_start_sim_serves_and_cleans_up() -> None:
     finally:
         await runner.cleanup()
     assert runner.addresses == []
+
+
+# ---------------------------------------------------------------- control of a standalone sim
+
+
+async def until(check: Any) -> None:
+    """Polls a condition the sim reaches by itself (bounded: 2 s)."""
+    for _ in range(200):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def test_pause_holds_answers_and_a_caller_that_left_is_not_billed() -> None:
+    # start_sim serves like `embedding-gateway sim`: a handler runs on after its caller hangs up.
+    sim = Simulator()
+    runner, url = await start_sim(sim)
+    try:
+        async with aiohttp.ClientSession() as session:
+            base = url.removesuffix("/v1")
+            await session.post(base + "/_sim/pause")
+            held = asyncio.ensure_future(session.post(url + "/embeddings", data=orjson.dumps(VALID)))
+            await until(lambda: sim.stats()["held"] == 1)
+            assert sim.ok_calls == 0
+            await session.post(base + "/_sim/resume")
+            assert (await held).status == 200
+            assert (sim.ok_calls, sim.dropped) == (1, 0)
+
+            sim.pause()
+            gone = asyncio.ensure_future(session.post(url + "/embeddings", data=orjson.dumps(VALID)))
+            await until(lambda: sim.stats()["held"] == 1)
+            gone.cancel()  # the caller hangs up while its request is held
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone
+            await until(lambda: sim.stats()["held_gone"] == 1)
+            sim.resume()
+            await until(lambda: sim.dropped == 1)
+            async with session.get(base + "/_sim/stats") as resp:
+                stats = await resp.json()
+    finally:
+        await runner.cleanup()
+    assert stats == {"calls": 2, "ok_calls": 1, "inputs": 2, "tokens": sim.tokens, "dropped": 1, "held": 0,
+                     "held_gone": 0}
