@@ -17,6 +17,7 @@ from gateway.errors import QuotaExceeded
 from gateway.jobs import Job
 from gateway.sim import Fault, SimConfig, Simulator
 
+from .clock import FakeClock
 from .conftest import ADMIN_KEY, TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of
 
 MODEL = "jina-embeddings-v3"
@@ -341,6 +342,23 @@ async def test_over_quota_the_job_waits_for_the_window(gateway: Gateway) -> None
     assert job.status == "completed" and (job.completed, job.failed) == (25, 0)
     assert slept == [7, 7]
     assert sim_of(client).inputs == 25
+
+
+async def test_the_real_quota_makes_a_job_wait_for_the_window_not_fail(gateway: Gateway) -> None:
+    clock = FakeClock()
+    team = {"name": "team-a", "keys": [hash_key(TEAM_A_KEY)], "quota": {"tokens_per_minute": 600}}
+    client = await gateway(clock=clock, teams=[team], batch={"chunk_lines": 10, "chunks_in_flight": 1})
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the worker waits Retry-After: the quota's clock moves on
+        slept.append(seconds)
+        clock.advance(seconds)
+
+    client.app[K.BATCH_WORKER].sleep = sleep
+    job = await run_file(client, [line(str(i), text(i)) for i in range(100)])  # ~1,500 estimated tokens
+    assert job.status == "completed" and (job.completed, job.failed) == (100, 0)
+    assert slept and all(s >= 1 for s in slept)  # it waited (more than one minute's quota) and never failed
+    assert sim_of(client).inputs == 100
 
 
 async def test_upstream_failures_are_retried_then_reported_per_line(gateway: Gateway) -> None:
