@@ -241,7 +241,9 @@ class EmbeddingCache:
             self.on_error(op)
         log.warning("cache %s failed, bypassing the cache for %.1fs: %r", op, self.error_backoff_s, exc)
 
-    async def get_many(self, keys: Sequence[bytes]) -> list[Entry | None]:
+    async def get_many(self, keys: Sequence[bytes], *, promote: bool = True) -> list[Entry | None]:
+        """`promote=False` (batch jobs) reads the hot tier but leaves it as it is: a 50,000-line re-index must
+        not push interactive traffic's hot entries out."""
         hot = self.hot
         if hot is None:
             return await self._fetch(keys)
@@ -252,7 +254,8 @@ class EmbeddingCache:
             for i, entry in zip(cold, fetched, strict=True):
                 if entry is not None:
                     out[i] = entry
-                    hot.put(keys[i], entry)
+                    if promote:
+                        hot.put(keys[i], entry)
         return out
 
     async def _fetch(self, keys: Sequence[bytes]) -> list[Entry | None]:

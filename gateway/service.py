@@ -74,7 +74,7 @@ class EmbeddingService:
         for i, key in enumerate(keys):
             first.setdefault(key, i)
         unique = list(first)
-        entries = await self.cache.get_many(unique)
+        entries = await self.cache.get_many(unique, promote=priority == "interactive")
         found: dict[bytes, Entry] = {}
         misses: list[Miss] = []
         for key, entry in zip(unique, entries, strict=True):

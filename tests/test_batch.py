@@ -333,6 +333,20 @@ async def test_ten_thousand_lines_with_30_percent_cached_send_only_the_new_input
     assert usage == sum(sim.token_count(t) for t in texts)
 
 
+async def test_a_job_leaves_the_hot_tier_to_interactive_traffic(gateway: Gateway, redis_url: str) -> None:
+    warm = await start(gateway, "redis", redis_url)
+    texts = [text(i) for i in range(20)]
+    await sync(warm, {"input": texts})  # now in Redis
+    client = await start(gateway, "redis", redis_url)  # another replica: its hot tier is empty
+    hot = client.app[K.CACHE].hot
+    assert hot is not None and hot.bytes == 0
+    job = await run_file(client, [line(str(i), t) for i, t in enumerate(texts)])
+    assert job.completed == 20 and sim_of(client).calls == 0  # all from Redis
+    assert hot.bytes == 0  # a re-index does not push interactive entries out
+    await sync(client, {"input": texts})
+    assert hot.bytes > 0
+
+
 async def test_over_quota_the_job_waits_for_the_window(gateway: Gateway) -> None:
     client = await gateway(batch={"chunk_lines": 10})
     refusals = [QuotaExceeded("tokens_per_minute", 7, "over quota", code="QUOTA_EXCEEDED")] * 2
