@@ -78,7 +78,7 @@ class Child:
                 self.popen.wait()
 
 
-def start_children(workdir: Path, sim_latency_ms: float) -> tuple[list[Child], Child, str]:
+def start_children(workdir: Path, sim_latency_ms: float, hot_mib: int) -> tuple[list[Child], Child, str]:
     redis_port, sim_port, gw_port = free_port(), free_port(), free_port()
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
@@ -92,7 +92,8 @@ def start_children(workdir: Path, sim_latency_ms: float) -> tuple[list[Child], C
     config = {
         "listen": {"host": "127.0.0.1", "port": gw_port},
         "upstream": {"url": f"http://127.0.0.1:{sim_port}/v1", "api_key": "sk-soak-upstream"},
-        "cache": {"url": f"redis://127.0.0.1:{redis_port}/0"},
+        # The in-process hot LRU is bounded; a small one fills during warm-up, so growth after it means a leak.
+        "cache": {"url": f"redis://127.0.0.1:{redis_port}/0", "hot_max_bytes": hot_mib * 2**20},
         "state": {"url": f"redis://127.0.0.1:{redis_port}/1"},
         "limits": {"request_timeout_s": 10},
         "metrics": {"token": METRICS_TOKEN},
@@ -279,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sim-latency-ms", type=float, default=5.0)
     parser.add_argument("--max-rss-growth", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--hot-mib", type=int, default=8, help="cache.hot_max_bytes of the gateway, in MiB")
     parser.add_argument("--json", type=Path, help="write the samples and the summary here")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="eg-soak-"))
-    children, gateway, base = start_children(workdir, args.sim_latency_ms)
+    children, gateway, base = start_children(workdir, args.sim_latency_ms, args.hot_mib)
     try:
         samples = asyncio.run(soak(base, gateway.popen.pid, args))
     finally:

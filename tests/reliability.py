@@ -43,9 +43,9 @@ class Answer:
 
     @property
     def what(self) -> str:
-        """`status code` of an error answer ("200" for a success)."""
-        if self.status == 200:
-            return "200"
+        """`status code` of an error answer (the status alone for a success)."""
+        if 200 <= self.status < 300:
+            return str(self.status)
         try:
             code = self.json().get("code")
         except (orjson.JSONDecodeError, AttributeError):
@@ -61,7 +61,7 @@ def record(fault: str, answers: list[Answer]) -> Tally:
         REPORT.append(tally)
     for a in answers:
         tally.sent += 1
-        if a.status == 200:
+        if 200 <= a.status < 300:
             tally.ok += 1
         else:
             tally.failed[a.what] += 1

@@ -313,7 +313,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 # Cases per operation and generation mode; the embeddings routes, where the parsing is, get the most.
 SCHEMATHESIS_CASES = {"/v1/embeddings": 250, "/embeddings": 120, "/v1/usage": 150}
-SCHEMATHESIS_DEFAULT_CASES = 40
+SCHEMATHESIS_DEFAULT_CASES = 30
 # The schema's positive bodies are mostly refused (an empty or unknown model is a 422): these are bodies the
 # upstream accepts, so the success path (status, headers, body shape) is fuzzed too.
 REALISTIC_CASES = 150

@@ -291,3 +291,50 @@ async def test_too_many_inputs_are_refused_before_any_upstream_work(gateway: Gat
             body = await resp.json()
             assert body["code"] == "VALIDATION_ERROR" and body["errors"][0]["field"] == "input"
     assert sim_of(client).inputs == 1
+
+
+async def test_a_team_cannot_reach_another_teams_files_or_batches(gateway: Gateway, redis_url: str) -> None:
+    """Every route that takes a file or batch id, enumerated from the router: another team's key gets 404 for
+    each (reads, streams and deletes alike), its lists show nothing, and the owner still has everything."""
+    import dataclasses
+    import io
+
+    import aiohttp
+
+    from gateway import config as cfg
+
+    if "batch" not in {f.name for f in dataclasses.fields(cfg.Config)}:
+        pytest.skip("the batch API is not part of this build")
+    client = await gateway(state={"url": redis_url}, cache={"url": redis_url}, batch={"workers": 0})
+    form = aiohttp.FormData()
+    form.add_field("purpose", "batch")
+    line = {"custom_id": "a-1", "method": "POST", "url": "/v1/embeddings", "body": {"input": "team a's text"}}
+    form.add_field("file", io.BytesIO(orjson.dumps(line) + b"\n"), filename="a.jsonl")
+    resp = await client.post("/v1/files", data=form, headers=auth(TEAM_A_KEY))
+    assert resp.status == 200, await resp.text()
+    file_id = (await resp.json())["id"]
+    resp = await client.post("/v1/batch/embeddings", headers=auth(TEAM_A_KEY),
+                             data=orjson.dumps({"model": MODEL, "input_file_id": file_id}))
+    assert resp.status == 202, await resp.text()
+    batch_id = (await resp.json())["id"]
+    ids = {"file_id": file_id, "batch_id": batch_id}
+
+    owned = []
+    for route in client.app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        formatter = info.get("formatter", "")
+        if route.method == "HEAD" or not any(f"{{{name}}}" in formatter for name in ids):
+            continue
+        owned.append((route.method, formatter.format(**ids)))
+    assert owned, "no route takes a file or batch id"
+    for method, path in sorted(owned, key=lambda mp: mp[0] == "DELETE"):  # deletes last
+        resp = await client.request(method, path, headers=auth(TEAM_B_KEY))
+        assert resp.status == 404, (method, path, resp.status)
+        assert (await resp.json())["code"] == "NOT_FOUND"
+    for method, path in owned:
+        if method == "GET" and path.count("/") == 3:  # the object itself is still the owner's
+            assert (await client.get(path, headers=auth(TEAM_A_KEY))).status == 200, path
+    for method, path in routes(client.app):
+        if method == "GET" and "{" not in path and path.startswith("/v1/") and path != "/v1/usage":
+            text = await (await client.get(path, headers=auth(TEAM_B_KEY))).text()  # lists: /v1/batches, ...
+            assert file_id not in text and batch_id not in text, path
