@@ -362,6 +362,73 @@ async def test_state_redis_killed_and_restarted_under_load(
         state.cleanup()
 
 
+class _Heard(logging.Handler):
+    """Sets an event when a logger says something containing `words` (waiting on a log line, not on time)."""
+
+    def __init__(self, words: str) -> None:
+        super().__init__(logging.WARNING)
+        self.words = words
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.event.set()
+
+
+async def test_state_redis_killed_and_restarted_mid_batch_job(rig_factory: Callable[..., Awaitable[Rig]]) -> None:
+    """A batch job's state lives in the state Redis: killed (SIGKILL) half way through a job and restarted,
+    the job resumes from its last checkpoint and ends with every line answered exactly once, and right."""
+    state = RedisServer(None, "--appendonly", "yes", "--appendfsync", "always").start()
+    heard = _Heard("batch job")
+    logging.getLogger("gateway.batch").addHandler(heard)
+    try:
+        rig = await rig_factory(
+            state={"url": state.url, "socket_timeout_s": 0.5},
+            batch={"chunk_lines": 20, "chunks_in_flight": 2, "lease_s": 1.0, "heartbeat_s": 0.1, "poll_s": 0.1},
+        )
+        rig.ports[state.port] = "state-redis"
+        rig.sim.config = SimConfig(latency_base_ms=20)  # the job takes a while: time to kill Redis under it
+        lines = [{"custom_id": f"line-{i}", "body": {"input": f"batch line {i}: pack my box"}} for i in range(400)]
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TEAM_A_KEY}"}) as session:
+            base = str(rig.client.make_url("/v1/batch"))
+            async with session.post(base + "/embeddings", json={"model": MODEL, "input": lines}) as resp:
+                assert resp.status == 202, await resp.text()
+                job_id = (await resp.json())["id"]
+
+            async def job() -> dict[str, Any]:
+                async with session.get(f"{base}/{job_id}") as resp:
+                    return dict(await resp.json()) if resp.status == 200 else {"status": str(resp.status)}
+
+            for _ in range(400):  # until some chunks are committed
+                at_kill = (await job()).get("request_counts", {}).get("completed", 0)
+                if at_kill >= 60:
+                    break
+                await asyncio.sleep(0.02)
+            assert at_kill < 400, "the job ended before Redis could be killed under it"
+            state.stop()
+            await asyncio.wait_for(heard.event.wait(), OUTER_S)  # the worker noticed
+            state.start()
+            for _ in range(1500):
+                current = await job()
+                if current["status"] in ("completed", "failed", "cancelled", "expired"):
+                    break
+                await asyncio.sleep(0.02)
+            assert current["status"] == "completed", current
+            assert current["request_counts"] == {"total": 400, "completed": 400, "failed": 0}
+            async with session.get(f"{base}/{job_id}/output") as resp:
+                output = [orjson.loads(x) for x in (await resp.read()).splitlines()]
+        assert sorted(o["custom_id"] for o in output) == sorted(line["custom_id"] for line in lines)
+        for o in output:
+            i = int(o["custom_id"].split("-")[1])
+            (expected,), _ = REFERENCE.embed({"model": MODEL, "input": [lines[i]["body"]["input"]]})
+            assert np.array_equal(np.asarray(o["response"]["body"]["data"][0]["embedding"], np.float32), expected)
+        assert rig.sim.inputs == 400  # resumed chunks were answered from the cache: each input billed once
+        record("state Redis killed mid batch job", [Answer(200, {}, b"")] * len(output))
+    finally:
+        logging.getLogger("gateway.batch").removeHandler(heard)
+        state.cleanup()
+
+
 # ---- clients -----------------------------------------------------------------------------------------------
 
 
