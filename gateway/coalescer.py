@@ -22,7 +22,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -406,19 +406,29 @@ class Coalescer:
     # ---- upstream calls --------------------------------------------------------------------------------
 
     async def _send(self, group: _Group, batch: list[_Pending]) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                group.inflight -= 1
+                self._slots += 1
+                self._forget(group)
+                self._dispatch()
+
         try:
-            await self._call(group.params, batch)
+            await self._call(group.params, batch, answered=release)
         finally:
-            group.inflight -= 1
-            self._slots += 1
-            self._forget(group)
-            self._dispatch()
+            release()
 
     def _forget(self, group: _Group) -> None:
         if not group.queued and not group.inflight and self._groups.get(group.key) is group:
             del self._groups[group.key]
 
-    async def _call(self, params: dict[str, Any], batch: list[_Pending]) -> None:
+    async def _call(
+        self, params: dict[str, Any], batch: list[_Pending], answered: Callable[[], None] | None = None
+    ) -> None:
         self.calls += 1
         # Retries stop when the last caller stops waiting (a call formed late must not outlive them all).
         deadline = min(time.monotonic() + self.call_budget_s, max(p.deadline for p in batch))
@@ -447,6 +457,10 @@ class Coalescer:
             writes.append((p.miss.key, encode(vec, tokens)))
         # Callers already have their answers; the write happens once per key, then the flight ends (until
         # then a new caller joins the flight instead of missing the cache and sending the input again).
+        # The upstream call is over, though: its slot is free before the write, so the next batch of an idle
+        # group leaves at once instead of waiting for a cache round trip.
+        if answered is not None:
+            answered()
         try:
             await self.cache.set_many(writes)
         finally:

@@ -39,6 +39,8 @@ async def read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
     try:
+        if request.content.is_eof():  # the whole body came with the headers: nothing to wait for, no timer
+            return await request.read()
         async with asyncio.timeout(limits.request_timeout_s):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -98,13 +100,13 @@ def _account(request: web.Request, team: str, model: str, inputs: int, outcome: 
     price = request.app[K.LIVE].config.prices.get(model, 0.0)
     cost, saved = outcome.upstream_tokens * price / 1e6, outcome.cached_tokens * price / 1e6
     m = request.app[K.METRICS]
-    m.inputs.labels(team, model, "hit").inc(outcome.hits)
-    m.inputs.labels(team, model, "miss").inc(outcome.misses)
-    m.inputs.labels(team, model, "joined").inc(outcome.joined)
-    m.tokens.labels(team, model, "upstream").inc(outcome.upstream_tokens)
-    m.tokens.labels(team, model, "cache").inc(outcome.cached_tokens)
-    m.cost.labels(team, model, "billed").inc(cost)
-    m.cost.labels(team, model, "saved").inc(saved)
+    m.child(m.inputs, team, model, "hit").inc(outcome.hits)
+    m.child(m.inputs, team, model, "miss").inc(outcome.misses)
+    m.child(m.inputs, team, model, "joined").inc(outcome.joined)
+    m.child(m.tokens, team, model, "upstream").inc(outcome.upstream_tokens)
+    m.child(m.tokens, team, model, "cache").inc(outcome.cached_tokens)
+    m.child(m.cost, team, model, "billed").inc(cost)
+    m.child(m.cost, team, model, "saved").inc(saved)
     request.app[K.USAGE].record(team, model, Tally(
         requests=1, inputs=inputs, hits=outcome.hits, misses=outcome.misses, joined=outcome.joined,
         upstream_tokens=outcome.upstream_tokens, cached_tokens=outcome.cached_tokens,

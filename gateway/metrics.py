@@ -23,6 +23,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -34,6 +35,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 ScrapeHook = Callable[[], Awaitable[None]]
+_Series = TypeVar("_Series", Counter, Histogram)
 
 # Quota policy label values: the `Quota` config field a rejection or a remaining figure is about.
 QUOTA_POLICIES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month")
@@ -44,10 +46,21 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self._hooks: list[tuple[str, ScrapeHook]] = []
+        self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
         self._add_request_series()
         self._add_upstream_series()
         self._add_state_series()
         self._add_process_series()
+
+    def child(self, metric: _Series, *labels: str) -> _Series:
+        """`metric.labels(*labels)`, memoised for the per-request series: prometheus-client's lookup (label
+        checks, a lock) costs several times the increment. Counters and histograms only, which are never
+        cleared; their children live as long as the registry does anyway."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child  # type: ignore[return-value]
 
     def _add_request_series(self) -> None:
         r = self.registry

@@ -51,11 +51,23 @@ async def test_pool_and_retry_options_reach_the_client() -> None:
 async def test_more_concurrent_commands_than_connections_wait_for_one(redis_url: str) -> None:
     observer = connect(redis_url, socket_timeout_s=2)
     before = (await observer.info("clients"))["connected_clients"]
-    store = open_cache_store(redis_url, max_bytes=0, socket_timeout_s=2, options=cfg.RedisOptions(max_connections=2))
-    await store.set_many([(b"k", b"v")], ttl_s=60)
-    results = await asyncio.gather(*(store.get_many([b"k"]) for _ in range(50)))
+    client = connect(redis_url, socket_timeout_s=2, options=cfg.RedisOptions(max_connections=2))
+    await client.set(b"k", b"v")
+    results = await asyncio.gather(*(client.mget([b"k"]) for _ in range(50)))
     assert results == [[b"v"]] * 50
     assert (await observer.info("clients"))["connected_clients"] - before == 2
+    await observer.aclose()
+    await client.aclose()
+
+
+async def test_the_plain_url_cache_pipelines_every_caller_on_one_connection(redis_url: str) -> None:
+    observer = connect(redis_url, socket_timeout_s=2)
+    before = (await observer.info("clients"))["connected_clients"]
+    store = open_cache_store(redis_url, max_bytes=0, socket_timeout_s=2, options=cfg.RedisOptions(max_connections=2))
+    await store.set_many([(b"k", b"v"), (b"j", b"w")], ttl_s=60)
+    results = await asyncio.gather(*(store.get_many([b"k", b"nope", b"j"]) for _ in range(50)))
+    assert results == [[b"v", None, b"w"]] * 50
+    assert (await observer.info("clients"))["connected_clients"] - before == 1
     await observer.aclose()
     await store.close()
 
