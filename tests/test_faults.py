@@ -282,7 +282,8 @@ async def test_cache_redis_killed_and_restarted_under_load(
         await asyncio.sleep(0.05)
     assert answers[0].headers["X-Cache-Hits"] == "2", "the cache never came back"
     after = await rig.settle()
-    assert after.sockets["cache-redis"] <= 16, after  # the pool: at most one per concurrent request
+    # The pool: at most one per concurrent request's read plus one per upstream call's write-behind in flight.
+    assert after.sockets["cache-redis"] <= 16 + MAX_CONCURRENCY, after
     assert_no_leak(before, after)
 
 

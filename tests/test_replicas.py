@@ -96,10 +96,8 @@ async def test_quota_is_exact_across_three_replicas_under_500_concurrent_request
         if answer.status != 200:
             assert_error_shape(answer, {429: {"RATE_TOKEN_LIMIT_EXCEEDED"}})
             assert "RateLimit" in answer.headers
-    if len(replicas) == REPLICAS:  # every replica admitted some: the limit was shared, not met by one alone
-        per_replica = [sum(1 for i, a in enumerate(answers) if a.status == 200 and i % REPLICAS == r)
-                       for r in range(REPLICAS)]
-        assert all(per_replica), per_replica
+    # That the limit was shared is what the exact total proves (three separate limits would admit 3 × 137); how
+    # the admissions fall across replicas depends on which connections the scheduler served first, so no check.
     # What the upstream billed is exactly the quota: refused requests never went upstream (with --workers,
     # /metrics adds up every worker's series).
     assert sum(int(a.headers["X-Upstream-Tokens"]) for a in ok) == ADMITTED * TOKENS_PER_REQUEST
