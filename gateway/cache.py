@@ -119,7 +119,10 @@ def _split_unit(flat: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.ndar
 
 def _pack_floats(flat: np.ndarray) -> tuple[bytes, int]:
     planes = flat.view(np.uint8).reshape(-1, 4)
-    top = zlib.compress(planes[:, 3].tobytes(), 1, wbits=-15)
+    # Huffman coding alone: the plane holds a dozen distinct bytes with no long repeats to find, so skipping
+    # the match search is both faster and ~20% smaller than deflate level 1. Raw deflate either way.
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+    top = deflate.compress(planes[:, 3].tobytes()) + deflate.flush()
     if len(top) + 2 >= flat.size:  # incompressible: raw is smaller and faster
         return flat.tobytes(), 0
     low = planes[:, :3].tobytes()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -64,10 +63,10 @@ def _load(path: str) -> cfg.Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import run
+    from .server import run, setup_logging
 
     config = _load(args.config)
-    logging.basicConfig(level=config.log_level, format="%(message)s", stream=sys.stderr)
+    setup_logging(config.log_level)
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
     # SIGTERM/SIGINT drain (exit 0 when every in-flight request finished); SIGHUP reloads the config file.

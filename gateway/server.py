@@ -258,10 +258,20 @@ def _clear(path: str) -> None:
         stale.unlink()
 
 
+def setup_logging(level: str) -> None:
+    """Message-only lines on stderr. The access log writes a line per request, so records skip what this
+    format never prints: the caller's frame, thread and process (the logging HOWTO's "Optimization" list)."""
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
 def _worker_main(
     config: cfg.Config, config_path: str | None, host: str, port: int, ready: Any, index: int
 ) -> None:
-    logging.basicConfig(level=config.log_level, format="%(message)s", stream=sys.stderr)
+    setup_logging(config.log_level)
     _drain_when_orphaned()
 
     def announce() -> None:
