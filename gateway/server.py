@@ -102,12 +102,17 @@ async def drain(runner: web.AppRunner, app: web.Application) -> int:
         await site.stop()  # the listening socket closes: new connections go to other workers or replicas
     active = app[K.METRICS].active
     log.info("draining: %d requests in flight, up to %.0fs", active.count, timeout)
+    worker = app.get(K.BATCH_WORKER)
+    if worker is not None:
+        # First, not after the requests: another replica resumes these jobs from their checkpoints at once.
+        await worker.stop(timeout_s=timeout)
+        log.info("drain: batch jobs stopped, their leases released")
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(active.idle(), timeout)
     cut = active.count
     if cut:
         log.error("drain: %d requests still running after %.0fs; cancelling them", cut, timeout)
-    # cleanup(): closes idle keep-alive connections, runs on_shutdown (batch leases), cancels what is left (after
+    # cleanup(): closes idle keep-alive connections, runs on_shutdown, cancels what is left (after
     # the runner's short shutdown_timeout), then the cleanup contexts: the coalescer lets in-flight upstream calls
     # and their cache writes finish, the usage tally is written.
     try:

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from gateway.auth import hash_key
+from gateway.jobs import RedisJobStore
 from gateway.keys import CACHE_PREFIX
 
 from .conftest import TEAM_A_KEY, TEAM_B_KEY, auth, base_config
@@ -138,6 +139,39 @@ async def test_sigterm_finishes_100_in_flight_requests_and_their_cache_writes(
     r = aioredis.Redis.from_url(redis_url)
     assert len(await r.keys(CACHE_PREFIX + b"*")) == 100  # every write-behind landed before exit
     await r.aclose()
+
+
+async def test_sigterm_releases_batch_leases_first_while_requests_still_finish(
+    serve: Callable[..., Awaitable[Proc]], redis_url: str
+) -> None:
+    gw = await serve(file_config(state={"url": redis_url}, cache={"url": redis_url},
+                                 upstream={"sim": {"latency_base_ms": 3000}}))
+    async with aiohttp.ClientSession() as session:
+        lines = [{"custom_id": f"c{i}", "body": {"input": f"batch line {i}"}} for i in range(50)]
+        async with session.post(f"{gw.url}/v1/batch/embeddings", headers=auth(),
+                                json={"model": "jina-embeddings-v3", "input": lines}) as resp:
+            assert resp.status == 202
+            job_id = (await resp.json())["id"]
+        for _ in range(1000):  # until this process's worker has claimed it
+            async with session.get(f"{gw.url}/v1/batch/{job_id}", headers=auth()) as resp:
+                if (await resp.json())["status"] == "in_progress":
+                    break
+            await asyncio.sleep(0.01)
+        body = {"model": "jina-embeddings-v3", "input": ["interactive"]}
+        interactive = asyncio.create_task(session.post(f"{gw.url}/v1/embeddings", json=body, headers=auth()))
+        for _ in range(1000):
+            if await metric(session, gw.url, "eg_requests_in_flight") == 1:
+                break
+            await asyncio.sleep(0.01)
+        gw.signal(signal.SIGTERM)
+        await gw.line_with("leases released")
+        assert not interactive.done()  # the lease went back while a request was still being answered
+        r = aioredis.Redis.from_url(redis_url)
+        taken = await RedisJobStore(r, lease_s=30, retention_s=3600).claim("team-a", job_id, "another-replica", 0)
+        assert taken is not None and taken.status == "in_progress"
+        await r.aclose()
+        assert (await interactive).status == 200
+    assert await gw.exit_code(within=25) == 0
 
 
 async def test_a_request_longer_than_the_shutdown_timeout_is_cut_and_the_exit_code_says_so(
