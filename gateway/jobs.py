@@ -179,10 +179,13 @@ class RedisJobStore:
 
     async def put_file(self, meta: FileMeta, content: bytes, ttl_s: int) -> None:
         key = batch_key(meta.team, "file", meta.id)
-        pipe = self.redis.pipeline(transaction=True)
+        # Content first, then the metadata that makes the file visible: no MULTI needed (redis-py's asyncio
+        # cluster transactions run each command on a throwaway event loop), and both keys share the {team} slot,
+        # so the pipeline goes to one node in this order.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(key + ":content", content, ex=ttl_s)
         pipe.hset(key, mapping={k: str(v) for k, v in asdict(meta).items()})
         pipe.expire(key, ttl_s)
-        pipe.set(key + ":content", content, ex=ttl_s)
         await pipe.execute()
 
     async def get_file(self, team: str, file_id: str) -> FileMeta | None:

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from gateway.jobs import FileMeta, Job, JobStore, MemoryJobStore, RedisJobStore
 from gateway.keys import BATCH_RUNNABLE, batch_key
+from gateway.store.redis import connect
 
 
 class Clock:
@@ -24,7 +25,7 @@ class Clock:
 Expire = Callable[[str, str], Awaitable[None]]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def backend(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[tuple[JobStore, Expire]]:
     """A store, and a way to make a job's lease run out (the clock for memory; the key's expiry for Redis)."""
     if request.param == "memory":
@@ -36,7 +37,10 @@ async def backend(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterat
 
         yield memory, tick
         return
-    client = aioredis.Redis.from_url(redis_url)
+    if request.param == "cluster":  # a real 3-node Redis Cluster: every multi-key script stays in one {team} slot
+        client = connect(request.getfixturevalue("cluster_url"), socket_timeout_s=2)
+    else:
+        client = aioredis.Redis.from_url(redis_url)
 
     async def expire(team: str, job_id: str) -> None:
         await client.delete(batch_key(team, "job", job_id, "lease"))  # what PX does after 30 s

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from gateway import config as cfg
+from gateway.auth import hash_key
 from gateway.store import open_cache_store
 from gateway.store.redis import connect, parse_url
 
-from .conftest import Gateway, auth, base_config
+from .conftest import TEAM_A_KEY, Gateway, auth, base_config
 from .redis_server import RedisServer, free_port, redis_binary
 
 
@@ -156,3 +157,24 @@ async def test_gateway_state_and_cache_through_sentinel(sentinel: int, gateway: 
     assert (await client.post("/v1/embeddings", json=body, headers=auth())).status == 200
     again = await client.post("/v1/embeddings", json=body, headers=auth())
     assert again.headers["X-Cache-Hits"] == "2"
+
+
+async def test_the_whole_gateway_on_a_redis_cluster(gateway: Gateway, cluster_url: str) -> None:
+    """Cache, quotas, usage and a batch job with both stores on a 3-node cluster (slots on every node)."""
+    from gateway import appkeys as K
+
+    teams = [{"name": "team-a", "keys": [hash_key(TEAM_A_KEY)], "quota": {"tokens_per_minute": 100_000}}]
+    client = await gateway(cache={"url": cluster_url}, state={"url": cluster_url}, teams=teams,
+                           usage={"flush_interval_s": 3600})
+    body = {"model": "jina-embeddings-v3", "input": [f"doc {i}" for i in range(30)]}
+    first = await client.post("/v1/embeddings", json=body, headers=auth())
+    assert first.status == 200 and "RateLimit" in first.headers
+    assert (await client.post("/v1/embeddings", json=body, headers=auth())).headers["X-Cache-Hits"] == "30"
+    lines = [{"custom_id": f"c{i}", "body": {"input": f"doc {i}"}} for i in range(40)]
+    resp = await client.post("/v1/batch/embeddings", json={"model": "jina-embeddings-v3", "input": lines},
+                             headers=auth())
+    assert resp.status == 202
+    job = await asyncio.wait_for(client.app[K.BATCH_WORKER].settled("team-a", (await resp.json())["id"]), 30)
+    assert job is not None and job.status == "completed" and job.completed == 40
+    usage = await (await client.get("/v1/usage?group_by=team", headers=auth())).json()
+    assert usage["total"]["requests"] >= 2 and usage["total"]["hits"] >= 30
