@@ -163,6 +163,3 @@ def render_body(model: str, tokens: int, fragments: Sequence[bytes]) -> bytes:
 def render_embeddings(model: str, vectors: list[np.ndarray], tokens: int, output: str) -> bytes:
     return render_body(model, tokens, [render_fragment(vec, output) for vec in vectors])
 
-
-def error_body(detail: str, code: str) -> bytes:
-    return orjson.dumps({"detail": detail, "code": code})

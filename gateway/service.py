@@ -5,7 +5,6 @@ Both the `/v1/embeddings` handler and the batch worker call `EmbeddingService.em
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -169,6 +168,3 @@ def _vector(entry: Entry) -> np.ndarray:
     assert isinstance(entry.vectors, np.ndarray)
     return entry.vectors
 
-
-def deadline_in(seconds: float) -> float:
-    return time.monotonic() + seconds
