@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient
 
 from gateway import appkeys as K
 from gateway import config as cfg
 from gateway.auth import hash_key
-from gateway.sim import SimConfig, Simulator
+from gateway.sim import SimConfig, Simulator, start_sim
+from gateway.store.redis import connect
 
 from .redis_server import RedisClusterServers, RedisServer
 
@@ -130,3 +134,28 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("faults: requests sent / succeeded / failed (status code)")
         for tally in REPORT:
             terminalreporter.write_line(tally.line())
+
+
+async def upstream_answer(sim: Simulator, body: dict[str, Any]) -> bytes:
+    """The body a twin of `sim` (same config, its own counters) answers to `body`: what the upstream would send."""
+    runner, url = await start_sim(Simulator(sim.config))
+    try:
+        async with ClientSession() as session, session.post(url + "/embeddings", data=orjson.dumps(body)) as resp:
+            assert resp.status == 200
+            return await resp.read()
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def state_client(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Any]:
+    """A flushed client of the suite's real Redis, or of its real 3-node cluster when the param is "cluster"."""
+    if request.param == "cluster":  # the cluster fixture flushes it
+        client = connect(request.getfixturevalue("cluster_url"), socket_timeout_s=2)
+    else:
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()

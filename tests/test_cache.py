@@ -9,15 +9,13 @@ import numpy as np
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import ClientSession
 
 from gateway.cache import EmbeddingCache, Entry, HotCache, decode, encode, encode_unit, item_keys, key_prefix, unit_key
 from gateway.keys import CACHE_PREFIX
 from gateway.protocol import parse_embedding_request
-from gateway.sim import Simulator, start_sim
 from gateway.store import CacheStore, open_cache_store
 
-from .conftest import Gateway, auth, sim_of
+from .conftest import Gateway, auth, sim_of, upstream_answer
 from .promtext import scrape
 from .redis_server import RedisServer
 
@@ -260,15 +258,6 @@ async def test_hot_entries_render_byte_identically_and_survive_a_flushed_redis(
         first_headers, first = await post(fmt)
         _, memoised = await post(fmt)  # the second rendering of a hot entry is the memoised one
         assert first_headers["X-Cache-Hits"] == "2"
-        assert first == memoised == await direct_body(Simulator(sim.config), {**body, **fmt})
+        assert first == memoised == await upstream_answer(sim, {**body, **fmt})
     assert sim.calls == calls
 
-
-async def direct_body(sim: Simulator, body: dict[str, Any]) -> bytes:
-    runner, url = await start_sim(sim)
-    try:
-        async with ClientSession() as session, session.post(url + "/embeddings", data=orjson.dumps(body)) as resp:
-            assert resp.status == 200
-            return await resp.read()
-    finally:
-        await runner.cleanup()

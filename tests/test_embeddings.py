@@ -6,11 +6,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import ClientSession
 
-from gateway.sim import Fault, Simulator, start_sim
+from gateway.sim import Fault
 
-from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of
+from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of, upstream_answer
 
 MODEL = "jina-embeddings-v3"
 
@@ -23,14 +22,7 @@ async def post(client: Any, body: dict[str, Any], key: str = TEAM_A_KEY) -> tupl
 
 async def direct(client: Any, body: dict[str, Any]) -> bytes:
     """The same request answered by a twin of the app's simulated upstream (same config, own counters)."""
-    twin = Simulator(sim_of(client).config)
-    runner, url = await start_sim(twin)
-    try:
-        async with ClientSession() as session, session.post(url + "/embeddings", data=orjson.dumps(body)) as resp:
-            assert resp.status == 200
-            return await resp.read()
-    finally:
-        await runner.cleanup()
+    return await upstream_answer(sim_of(client), body)
 
 
 def texts(n: int, tag: str = "doc") -> list[str]:

@@ -16,10 +16,9 @@ from gateway import config as cfg
 from gateway.keys import pacing_keys
 from gateway.pacing import MemoryPacingBackend, PacingBackend, RedisPacingBackend, budget_id
 from gateway.sim import Fault, SimConfig, Simulator
-from gateway.store.redis import connect
 
 from .clock import FakeClock
-from .conftest import TEAM_A_KEY, UPSTREAM_KEY, Gateway, auth, sim_of
+from .conftest import TEAM_A_KEY, UPSTREAM_KEY, Gateway, auth, sim_of, state_client
 from .redis_server import RedisServer
 
 MODEL = "jina-embeddings-v3"
@@ -31,13 +30,8 @@ async def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> 
     if request.param == "memory":
         yield MemoryPacingBackend()
         return
-    if request.param == "cluster":  # a real 3-node Redis Cluster, flushed by the fixture
-        client = connect(request.getfixturevalue("cluster_url"), socket_timeout_s=2)
-    else:
-        client = aioredis.Redis.from_url(redis_server.url)
-        await client.flushall()
-    yield RedisPacingBackend(client, "test")
-    await client.aclose()
+    async with state_client(request, redis_server) as client:
+        yield RedisPacingBackend(client, "test")
 
 
 async def slot(b: PacingBackend, now: int, *, rpm: int = 0, tpm: int = 0, tokens: int = 1,

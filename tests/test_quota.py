@@ -15,10 +15,9 @@ import redis.asyncio as aioredis
 from gateway import appkeys as K
 from gateway.keys import quota_key
 from gateway.quota import DAY_MS, Limits, MemoryQuotaBackend, QuotaBackend, RedisQuotaBackend
-from gateway.store.redis import connect
 
 from .clock import FakeClock, utc
-from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of
+from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of, state_client
 from .redis_server import RedisServer
 
 MODEL = "jina-embeddings-v3"
@@ -35,13 +34,8 @@ async def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> 
     if request.param == "memory":
         yield MemoryQuotaBackend()
         return
-    if request.param == "cluster":  # a real 3-node Redis Cluster, flushed by the fixture
-        client = connect(request.getfixturevalue("cluster_url"), socket_timeout_s=2)
-    else:
-        client = aioredis.Redis.from_url(redis_server.url)
-        await client.flushall()
-    yield RedisQuotaBackend(client)
-    await client.aclose()
+    async with state_client(request, redis_server) as client:
+        yield RedisQuotaBackend(client)
 
 
 async def admit(b: QuotaBackend, lim: Limits, now: int, tokens: int, requests: int = 1, team: str = "t") -> Any:
