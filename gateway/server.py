@@ -26,6 +26,7 @@ from aiohttp import web
 
 from . import appkeys as K
 from . import config as cfg
+from .logbuffer import LoopBufferedHandler
 
 log = logging.getLogger("gateway")
 
@@ -264,9 +265,12 @@ def _clear(path: str) -> None:
 
 
 def setup_logging(level: str) -> None:
-    """Message-only lines on stderr. The access log writes a line per request, so records skip what this
-    format never prints: the caller's frame, thread and process (the logging HOWTO's "Optimization" list)."""
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    """Message-only lines on stderr, written once per event-loop turn (gateway/logbuffer.py). The access log
+    writes a line per request, so records skip what this format never prints: the caller's frame, thread and
+    process (the logging HOWTO's "Optimization" list)."""
+    handler = LoopBufferedHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
