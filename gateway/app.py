@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -107,9 +109,14 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         live.on_change(coalescer.reconfigure)
         service = app[K.SERVICE] = EmbeddingService(cache, coalescer, scope=config.cache.scope, admission=quota)
         app[K.BATCH_WORKER] = _batch_worker(app, state_redis, service, usage)
+        publisher = asyncio.create_task(metrics.publish_every(1.0), name="metrics-publish")
         try:
             yield
         finally:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+            metrics.publish()  # a worker's last requests reach its multiprocess file
             await app[K.BATCH_WORKER].stop()  # idempotent: on_shutdown has usually done it already
             await coalescer.close()
             await usage.close()  # after in-flight requests were tallied, before the state client closes

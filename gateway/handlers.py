@@ -99,14 +99,9 @@ def _account(request: web.Request, team: str, model: str, inputs: int, outcome: 
     """Metrics, durable usage and the access log's counts of one answered request (no I/O here)."""
     price = request.app[K.LIVE].config.prices.get(model, 0.0)
     cost, saved = outcome.upstream_tokens * price / 1e6, outcome.cached_tokens * price / 1e6
-    m = request.app[K.METRICS]
-    m.child(m.inputs, team, model, "hit").inc(outcome.hits)
-    m.child(m.inputs, team, model, "miss").inc(outcome.misses)
-    m.child(m.inputs, team, model, "joined").inc(outcome.joined)
-    m.child(m.tokens, team, model, "upstream").inc(outcome.upstream_tokens)
-    m.child(m.tokens, team, model, "cache").inc(outcome.cached_tokens)
-    m.child(m.cost, team, model, "billed").inc(cost)
-    m.child(m.cost, team, model, "saved").inc(saved)
+    request.app[K.METRICS].count_embed(team, model, (
+        outcome.hits, outcome.misses, outcome.joined, outcome.upstream_tokens, outcome.cached_tokens, cost, saved,
+    ))
     request.app[K.USAGE].record(team, model, Tally(
         requests=1, inputs=inputs, hits=outcome.hits, misses=outcome.misses, joined=outcome.joined,
         upstream_tokens=outcome.upstream_tokens, cached_tokens=outcome.cached_tokens,

@@ -90,9 +90,7 @@ def _observe(request: web.Request, rid: str, status: int, seconds: float, fields
     path = route.canonical if route is not None else "unmatched"
     principal = request.get(K.PRINCIPAL)
     team = principal.name if principal is not None else ""
-    metrics = request.app[K.METRICS]
-    metrics.child(metrics.requests, path, str(status), team).inc()
-    metrics.child(metrics.request_seconds, path).observe(seconds)
+    request.app[K.METRICS].count_request(path, status, team, seconds)
     if path in PROBE_PATHS:
         return
     line = {"request_id": rid, "method": request.method, "path": path, "team": team, "status": status,

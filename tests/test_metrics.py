@@ -136,3 +136,34 @@ def test_priming_again_makes_the_limits_follow_the_new_config() -> None:
     metrics.prime([("a", {"tokens_per_day": 20, "tokens_per_minute": None})])
     limits = {tuple(s.labels.values()): s.value for f in metrics.quota_limit.collect() for s in f.samples}
     assert limits == {("a", "tokens_per_day"): 20}
+
+
+def test_published_request_figures_expose_exactly_what_observe_per_request_would() -> None:
+    """The per-request series are summed in plain dicts and published in bulk: the exposition must be the one
+    prometheus-client gives when every request is observed on its own (this also guards the private fields
+    `_add_observations` writes, should the library change them)."""
+    from prometheus_client import generate_latest
+
+    bulk, direct = Metrics(), Metrics()
+    latencies = [0.0001, 0.0005, 0.0005001, 0.003, 0.003, 0.7, 31.0, 0.025]  # on a bound, past the last one
+    for i, seconds in enumerate(latencies):
+        status = 200 if i % 3 else 429
+        bulk.count_request("/v1/embeddings", status, "team-a", seconds)
+        direct.child(direct.requests, "/v1/embeddings", str(status), "team-a").inc()
+        direct.child(direct.request_seconds, "/v1/embeddings").observe(seconds)
+        figures = (i, 1, 0, 10 * i, 3, 0.25 * i, 0.0)
+        bulk.count_embed("team-a", MODEL, figures)
+        for (name, label), value in zip(
+            (("inputs", "hit"), ("inputs", "miss"), ("inputs", "joined"), ("tokens", "upstream"),
+             ("tokens", "cache"), ("cost", "billed"), ("cost", "saved")), figures, strict=True):
+            if value:
+                direct.child(getattr(direct, name), "team-a", MODEL, label).inc(value)
+    bulk.active.enter()
+    direct.in_flight.set(1)
+    def samples(text: bytes) -> list[bytes]:  # `_created` lines are times; series order is creation order
+        return sorted(line for line in text.splitlines() if b"_created" not in line)
+
+    assert samples(bulk.render()) == samples(generate_latest(direct.registry))
+    bulk.active.leave()
+    assert b"eg_requests_in_flight 0.0" in bulk.render()
+    assert b'eg_requests_total{route="/v1/embeddings",status="429",team="team-a"} 3.0' in bulk.render()

@@ -235,6 +235,14 @@ async def test_sighup_rotates_keys_without_a_failed_request_and_refuses_a_bad_fi
     assert await gw.exit_code(within=25) == 0
 
 
+async def requests_reach(session: aiohttp.ClientSession, url: str, n: int) -> None:
+    """Each worker publishes its per-request series once a second: the one not scraped may lag by that."""
+    for _ in range(50):
+        if await metric(session, url, "eg_requests_total", route="/v1/embeddings", status="200") >= n:
+            return
+        await asyncio.sleep(0.1)
+
+
 async def test_two_workers_share_the_port_and_metrics_add_up(
     serve: Callable[..., Awaitable[Proc]], tmp_path: Path
 ) -> None:
@@ -258,6 +266,7 @@ async def test_two_workers_share_the_port_and_metrics_add_up(
 
         for start in range(0, 40, 8):
             await asyncio.gather(*(one(i) for i in range(start, start + 8)))
+        await requests_reach(session, gw.url, 40)
         assert await metric(session, gw.url, "eg_requests_total", route="/v1/embeddings", status="200") == 40
         assert await metric(session, gw.url, "eg_inputs_total", outcome="miss") == 120
         assert await metric(session, gw.url, "eg_workers") == 2
@@ -273,7 +282,9 @@ async def test_two_workers_share_the_port_and_metrics_add_up(
                 async with session.post(f"{gw.url}/v1/embeddings", json=body, headers=auth(key)) as resp:
                     assert resp.status == expected
 
-        # A worker killed with -9 is replaced; the dead one's counters stay in the totals, its gauges go.
+        # A worker killed with -9 is replaced; the dead one's published counters stay in the totals, its gauges
+        # go. (What it had not yet published, at most its last second, dies with it, as usage counters do.)
+        await requests_reach(session, gw.url, 50)
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         await gw.line_with(f"(pid {victim}) exited with -9")
