@@ -23,7 +23,7 @@ from .coalescer import Coalescer
 from .jobs import JobStore, open_job_store
 from .live import LiveConfig
 from .metrics import Metrics, replace
-from .middleware import access_middleware, auth_middleware, error_middleware
+from .middleware import gateway_middleware
 from .pacing import MemoryPacingBackend, Pacer, PacingBackend, RedisPacingBackend, budget_id
 from .quota import MemoryQuotaBackend, QuotaBackend, QuotaGate, RedisQuotaBackend
 from .service import EmbeddingService
@@ -44,7 +44,7 @@ def create_app(
     `config_path` is the file `app[K.LIVE].reload()` re-reads (on SIGHUP).
     """
     app = web.Application(
-        middlewares=[access_middleware(), error_middleware(), auth_middleware()],
+        middlewares=[gateway_middleware()],
         # aiohttp refuses a larger body while reading it; our handler turns that into the JSON 413.
         client_max_size=config.limits.max_body_bytes,
     )

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from . import appkeys as K
 from . import config as cfg
+from . import logbuffer
 from .logbuffer import LoopBufferedHandler
 
 log = logging.getLogger("gateway")
@@ -271,6 +272,7 @@ def setup_logging(level: str) -> None:
     handler = LoopBufferedHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+    logbuffer.install(handler)
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from gateway import logbuffer
 from gateway.logbuffer import LoopBufferedHandler
 
 
@@ -67,3 +68,22 @@ async def test_shutdown_flush_writes_what_is_pending() -> None:
     log.info("last words")
     log.handlers[0].flush()
     assert stream.writes == ["last words\n"]
+
+
+async def test_access_lines_of_a_serving_process_skip_logging_but_keep_its_level() -> None:
+    stream = Stream()
+    handler = LoopBufferedHandler(stream)  # type: ignore[arg-type]
+    access = logging.getLogger("gateway.access")
+    level = access.level
+    logbuffer.install(handler)
+    try:
+        access.setLevel(logging.INFO)
+        logbuffer.write_access('{"status":200}')
+        logbuffer.write_access('{"status":429}')
+        access.setLevel(logging.WARNING)  # log_level: WARNING turns the access log off
+        logbuffer.write_access('{"status":500}')
+        await asyncio.sleep(0)
+        assert stream.writes == ['{"status":200}\n{"status":429}\n']
+    finally:
+        logbuffer.install(None)
+        access.setLevel(level)
