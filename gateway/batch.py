@@ -191,8 +191,11 @@ class BatchWorker:
                 await self._fill()
             except Exception as exc:  # the state store is down: try again at the next poll
                 log.warning("batch worker could not look for jobs: %r", exc)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the wait in a task of its own, which a
+            # snapshot of the process's tasks (the leak checks in tests/test_faults.py) sees come and go.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.batch.poll_s)
+                async with asyncio.timeout(self.batch.poll_s):
+                    await self._wake.wait()
 
     async def _fill(self) -> None:
         if len(self._running) >= self.batch.workers:
