@@ -1,9 +1,13 @@
 """Micro-batching, single-flight and fair ordering of cache misses across callers.
 
 Misses that share a batch group (canonical params, plus the team when the cache is team-scoped) wait in one
-queue and leave together in one upstream call. A group with no call in flight sends at once, so an idle
-gateway adds no latency; while a call is in flight the next batch grows until it is full (inputs or
-estimated tokens), its oldest input has waited `max_wait_ms`, or the call in flight returns.
+queue and leave together in one upstream call. An input takes a free call slot at once when the group has no
+call in flight, or when it arrives alone (more than `quiet_ms` after the group's previous input), so neither
+an idle gateway nor a light load adds latency. Inputs arriving in a burst while a call of their group is in
+flight batch instead: the batch leaves when the burst pauses for `quiet_ms`, it is full (inputs or estimated
+tokens), its oldest input has waited `max_wait_ms`, or the group's calls have all returned. Sending every
+input of a burst at once while slots are free would not do: a burst arrives over more than one upstream
+round trip (the gateway parses it at a finite rate), so each freed slot would leave with one input.
 
 Batches are formed only when one of the `upstream.limits.max_concurrency` call slots is free, so work that
 cannot go yet waits here, where its order is decided: interactive before batch-priority work, and across
@@ -20,6 +24,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -80,6 +85,8 @@ class _Group:
     queued_tokens: int = 0
     since: float | None = None  # when the queue last went from empty to non-empty
     inflight: int = 0
+    last_arrival: float = -math.inf  # when inputs last joined the queue
+    burst: bool = False  # the queue holds inputs that arrived within quiet_ms of the group's previous ones
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +238,7 @@ class Coalescer:
         flights = self._flights
         self._check_capacity(sum(1 for m in misses if m.key not in flights))
         group = self._group(group_key, params)
+        queued = group.queued
         pendings = []
         for miss in misses:
             pending = flights.get(miss.key)
@@ -243,6 +251,8 @@ class Coalescer:
             else:
                 self._join(group, pending, caller)
             pendings.append(pending)
+        if group.queued != queued:
+            self._arrived(group)
         self._gauge()
         return pendings
 
@@ -267,6 +277,12 @@ class Coalescer:
         if group.since is None:
             group.since = asyncio.get_running_loop().time()
             self._waiting[group.key] = group
+
+    def _arrived(self, group: _Group) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - group.last_arrival < self.config.quiet_ms / 1000:
+            group.burst = True
+        group.last_arrival = now
 
     def _join(self, group: _Group, pending: _Pending, caller: _Caller) -> None:
         pending.waiters.append(caller.owner)
@@ -335,12 +351,18 @@ class Coalescer:
         return best
 
     def _due(self, group: _Group, now: float) -> bool:
-        # Idle groups send at once; a busy group's batch grows until full or its oldest input has waited.
-        if self._closing or not group.inflight:
+        # Idle groups and lone arrivals send at once; a burst's batch grows until full, the burst pauses, or
+        # its oldest input has waited.
+        if self._closing or not group.inflight or not group.burst:
             return True
         if group.queued >= group.max_inputs or group.queued_tokens >= self.config.max_batch_tokens:
             return True
-        return group.since is not None and now + _EPSILON_S >= group.since + self.config.max_wait_ms / 1000
+        return now + _EPSILON_S >= self._due_at(group)
+
+    def _due_at(self, group: _Group) -> float:
+        assert group.since is not None
+        config = self.config
+        return min(group.since + config.max_wait_ms / 1000, group.last_arrival + config.quiet_ms / 1000)
 
     @staticmethod
     def _head(group: _Group) -> tuple[int, float, int]:
@@ -374,20 +396,21 @@ class Coalescer:
         if not group.queued:
             heap.clear()
             group.since = None
+            group.burst = False
             del self._waiting[group.key]
         if abandoned:
             self._fail(abandoned, UpstreamTimeout("every caller of this input has gone"))
         return batch
 
     def _arm(self) -> None:
-        """One timer for the earliest `max_wait_ms` deadline of a waiting group (none while no slot is free:
-        a returning call dispatches anyway)."""
-        wait_s = self.config.max_wait_ms / 1000
+        """One timer for the earliest moment a waiting group becomes due (none while no slot is free: a
+        returning call dispatches anyway). Every input of a burst moves its group's moment later; a timer
+        already armed earlier is kept (it fires, finds nothing due, and arms again) rather than re-armed per
+        input."""
         when = None
-        if self._slots > 0:
-            sinces = [g.since for g in self._waiting.values() if g.since is not None]
-            when = min(sinces) + wait_s if sinces else None
-        if self._timer is not None and (when is None or self._timer_when != when):
+        if self._slots > 0 and self._waiting:
+            when = min(self._due_at(g) for g in self._waiting.values())
+        if self._timer is not None and (when is None or self._timer_when > when):
             self._timer.cancel()
             self._timer = None
         if when is not None and self._timer is None:

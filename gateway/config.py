@@ -129,6 +129,9 @@ class Coalesce:
     max_batch_inputs: int = 256
     max_batch_tokens: int = 131_072
     max_wait_ms: float = 50.0
+    # Inputs arriving less than this apart while the group has a call in flight are a burst: they batch until
+    # the burst pauses this long (or max_wait_ms); an input arriving alone takes a free call slot at once.
+    quiet_ms: float = 2.0
     max_queue_inputs: int = 100_000
 
 
@@ -331,6 +334,8 @@ def _check_limits(config: Config) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"{where}: must be at least 1, got {value}")
     for where, number in [("quota.cached_token_weight", config.quota.cached_token_weight),
+                          ("coalesce.max_wait_ms", config.coalesce.max_wait_ms),
+                          ("coalesce.quiet_ms", config.coalesce.quiet_ms),
                           ("quota.error_backoff_s", config.quota.error_backoff_s),
                           ("upstream.limits.margin_s", limits.margin_s)]:
         if number < 0:

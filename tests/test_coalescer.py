@@ -228,6 +228,51 @@ async def test_idle_group_sends_at_once_and_a_busy_one_batches(rig: Make) -> Non
     assert [len(q["input"]) for q in r.sim.requests] == [1, 5]
 
 
+async def test_lone_inputs_take_free_call_slots_at_once_then_wait_for_one(rig: Make) -> None:
+    """3 call slots, a held upstream: 3 inputs arriving one by one leave as 3 calls without waiting for one to
+    return; what comes while every slot is busy waits, and leaves merged in the first slot that frees."""
+    # quiet_ms 0: no input counts as part of a burst; max_wait_ms beyond the test: no input leaves by waiting.
+    r = await rig(upstream={"limits": {"max_concurrency": 3}}, coalesce={"quiet_ms": 0, "max_wait_ms": 60_000})
+    lone = []
+    for i in range(3):
+        lone.append(ask(r.client, [text("lone", i)]))
+        await r.gate.parked.reach(i + 1)
+    queued = [ask(r.client, [text("queued", i)]) for i in range(5)]
+    await r.probe.registered.reach(8)
+    assert r.coalescer.queued_inputs == 5
+    r.gate.release()  # one call returns: its slot takes the whole queue
+    await r.gate.parked.reach(4)
+    r.gate.open()
+    await asyncio.gather(*lone, *queued)
+    assert [len(q["input"]) for q in r.sim.requests] == [1, 1, 1, 5]
+
+
+async def test_a_burst_batches_while_its_group_has_a_call_in_flight(rig: Make) -> None:
+    """Free call slots do not split a burst: inputs arriving together while a call of their group is in flight
+    wait together (here until that call returns: the pause and max_wait_ms are set beyond the test)."""
+    r = await rig(coalesce={"quiet_ms": 60_000, "max_wait_ms": 60_000})  # the default 8 slots
+    first = ask(r.client, ["first"])
+    await r.gate.parked.reach(1)
+    burst = [ask(r.client, [text("burst", i)]) for i in range(5)]
+    await r.probe.registered.reach(6)
+    assert r.coalescer.queued_inputs == 5
+    r.gate.open()
+    await asyncio.gather(first, *burst)
+    assert [len(q["input"]) for q in r.sim.requests] == [1, 5]
+
+
+async def test_a_burst_leaves_once_it_pauses_without_waiting_for_the_call_in_flight(rig: Make) -> None:
+    r = await rig(coalesce={"quiet_ms": 1, "max_wait_ms": 60_000})
+    first = ask(r.client, ["first"])
+    await r.gate.parked.reach(1)
+    burst = [ask(r.client, [text("burst", i)]) for i in range(5)]
+    while sum(len(q["input"]) for q in r.sim.requests) < 6:  # every call so far is held at the gate
+        await r.gate.parked.reach(len(r.sim.requests) + 1)
+    assert r.sim.ok_calls == 0 and 2 <= r.sim.calls <= 6  # the first call has not returned
+    r.gate.open()
+    assert [x.status for x in await asyncio.gather(first, *burst)] == [200] * 6
+
+
 async def test_same_input_from_50_callers_goes_upstream_once(rig: Make) -> None:
     r = await rig()
     writes = count_cache_writes(r.client)

@@ -33,6 +33,7 @@ def test_shipped_configs_load() -> None:
         ("upstream: {limits: {max_concurrency: true}}", "upstream.limits.max_concurrency: expected int, got bool"),
         ("upstream: {api_key: ${NOPE}}", "environment variable NOPE is not set"),
         ("coalesce: [1]", "coalesce: expected a mapping"),
+        ("coalesce: {quiet_ms: -1}", "coalesce.quiet_ms: must not be negative, got -1"),
     ],
 )
 def test_errors_name_the_key_path(text: str, message: str) -> None:
