@@ -62,6 +62,7 @@ def generator(choice: str) -> str:
 
 
 def run(gen: str, load: Load) -> Result:
+    """`gen`: wrk, python (aiohttp's client) or raw (the Python generator on bare HTTP/1.1 connections)."""
     # `once` needs exact counts (every body sent exactly once), which only the Python client gives.
     run_id = f"r{next(_runs)}x{id(load) % 100000}"
     if gen == "wrk" and load.mode != "once":
@@ -71,7 +72,7 @@ def run(gen: str, load: Load) -> Result:
     else:
         args = [sys.executable, "-m", "bench.pyload", "--url", load.url, "--mode", load.mode, "--file",
                 str(load.file), "--key", BENCH_KEY, "--run", run_id, "--concurrency", str(load.concurrency),
-                "--duration", str(load.duration_s)]
+                "--duration", str(load.duration_s)] + (["--raw"] if gen == "raw" else [])
     cpu0 = cpu_seconds(load.pid)
     out = subprocess.run(args, cwd=ROOT, capture_output=True, check=False, timeout=load.duration_s + 120)
     cpu = cpu_seconds(load.pid) - cpu0

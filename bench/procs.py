@@ -130,9 +130,10 @@ class Procs:
                 "--dir", str(self.workdir), "--protected-mode", "no"]
         return self._start("redis", args, None)
 
-    def sim(self, latency_ms: float = 0.0) -> Proc:
-        args = [sys.executable, "-m", "gateway", "sim", "--port", str(free_port()), "--latency-ms", str(latency_ms)]
-        return self._start(f"sim-{latency_ms:g}ms", args, "/")
+    def sim(self, latency_ms: float = 0.0, per_token_ms: float = 0.0) -> Proc:
+        args = [sys.executable, "-m", "gateway", "sim", "--port", str(free_port()), "--latency-ms", str(latency_ms),
+                "--latency-per-token-ms", str(per_token_ms)]
+        return self._start(f"sim-{latency_ms:g}ms-{per_token_ms:g}", args, "/")
 
     def gateway(self, name: str, sim: Proc, cache_url: str, **cache: Any) -> Proc:
         port = free_port()

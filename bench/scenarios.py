@@ -6,7 +6,7 @@ from __future__ import annotations
 import http.client
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,10 @@ class Settings:
     coalesce_concurrency: tuple[int, ...] = (1, 16, 256)
     coalesce_latency_ms: float = 20.0
     high_concurrency: int = 64
+    batch_lines: int = 10_000  # the batch job that interactive traffic shares the gateway with
+    batch_cached: float = 0.3  # share of the job's inputs embedded before it starts
+    batch_concurrency: int = 4  # interactive connections
+    batch_miss_every: int = 3  # every 3rd interactive request is a new input (a miss), the others hits
 
 
 @dataclass
@@ -86,14 +90,18 @@ def body(inputs: str | list[str], **extra: Any) -> bytes:
 
 
 def post(port: int, payload: bytes) -> bytes:
+    return call(port, "POST", PATH, payload)
+
+
+def call(port: int, method: str, path: str, payload: bytes | None = None) -> bytes:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {BENCH_KEY}"}
-        conn.request("POST", PATH, body=payload, headers=headers)
+        conn.request(method, path, body=payload, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"POST {PATH} on port {port}: {resp.status} {data[:300]!r}")
+        if resp.status not in (200, 202):
+            raise RuntimeError(f"{method} {path} on port {port}: {resp.status} {data[:300]!r}")
         return data
     finally:
         conn.close()
@@ -328,3 +336,143 @@ def _rss_per_100k(ctx: Ctx) -> dict[str, float]:
     ctx.rows.append(Row("6 gateway RSS per 100k 1024-dim entries", f"{per_100k / 2**20:,.0f} MiB",
                         f"memory:// store, {entries:,} filled", f"{per_100k / 100_000:,.0f} B/entry"))
     return {"entries": entries, "rss_per_100k_bytes": per_100k}
+
+
+# ---- 7: interactive latency while a batch job runs -------------------------------------------------------
+
+
+@dataclass
+class _JobRun:
+    """What one measured window saw of the job running beside it."""
+
+    lines: int  # lines the job completed during the window
+    seconds: float
+    covered: bool  # the job was still running when the window ended
+
+    @property
+    def lines_per_s(self) -> float:
+        return self.lines / self.seconds if self.seconds else 0.0
+
+
+def batch_interference(ctx: Ctx) -> None:
+    """7: interactive p50/p99 with and without a batch job running in the same gateway, and the job's lines/s
+    idle and under that load. Upstream: the simulator at the demo's latency (20 ms + 0.01 ms per token).
+    Interactive traffic: `batch_concurrency` connections of single-input requests, every `batch_miss_every`th a
+    new input (a miss, ~20 ms upstream), the others hits; so p50 is a hit's latency and p99 a miss's. The job:
+    `batch_lines` single-input lines, `batch_cached` of them embedded before; a new job for each window.
+
+    The Python generator on bare connections measures here whatever `--client` says: wrk's figures for this
+    bimodal load do not add up (its mean latency times its requests came out above connections times seconds,
+    against the gateway's access log of ~0.2 ms hits), and aiohttp's client adds milliseconds of its own."""
+    s = ctx.settings
+    sim = ctx.procs.sim(20.0, 0.01)
+    gw = ctx.procs.gateway("gateway-batch", sim, f"redis://127.0.0.1:{ctx.redis.port}/2")
+    hits = [body(text("batch-hit", i)) for i in range(s.working_set)]
+    fill(ctx, gw, "batch-warm.jsonl", _grouped(hits))
+    template = [body("bench batch miss ")[:-2], b' the quick brown fox"}']
+    mix = ctx.file("batch-mix.jsonl", [str(s.batch_miss_every).encode(), *template, *hits])
+    ld = ctx.load(gw, "mix", mix, s.batch_concurrency, s.duration_s)
+    if s.warmup_s > 0:
+        load.run("raw", ld.lasting(s.warmup_s))
+    without: list[load.Result] = []
+    with_job: list[load.Result] = []
+    jobs: list[_JobRun] = []
+    idle: list[_JobRun] = []
+    for k in range(s.repeats):  # interleaved, so the machine's other load falls on each figure alike
+        without.append(load.run("raw", ld))
+        result, job = _beside_a_job(ctx, gw, ld, f"w{k}")
+        with_job.append(result)
+        jobs.append(job)
+        idle.append(_job_alone(ctx, gw, f"i{k}"))
+    ctx.procs.stop(gw)
+    ctx.procs.stop(sim)
+    ctx.raw["runs"] = {"batch_without_job": [r.as_dict() for r in without],
+                       "batch_with_job": [r.as_dict() for r in with_job]}
+    _interference_rows(ctx, median_run(without), median_run(with_job), idle, jobs)
+
+
+def _grouped(singles: list[bytes], per: int = 100) -> list[bytes]:
+    """Single-input bodies merged `per` to a request (the same cache keys), to warm a cache quickly."""
+    inputs = [orjson.loads(b)["input"] for b in singles]
+    return [body(inputs[i : i + per]) for i in range(0, len(inputs), per)]
+
+
+def _new_job(ctx: Ctx, gw: Proc, tag: str, settle_s: float = 0.0) -> str:
+    """Submits a job of `batch_lines` new single-input lines, `batch_cached` of them cached first (through
+    `/v1/embeddings`, so wait `settle_s` for the job to find the gateway idle)."""
+    s = ctx.settings
+    texts = [text(f"job-{tag}-{time.time_ns()}", i) for i in range(s.batch_lines)]
+    cached = texts[: int(len(texts) * s.batch_cached)]
+    for i in range(0, len(cached), 256):
+        post(gw.port, body(cached[i : i + 256]))
+    time.sleep(settle_s)
+    lines = [{"custom_id": f"l{i}", "body": {"input": t}} for i, t in enumerate(texts)]
+    created = orjson.loads(call(gw.port, "POST", "/v1/batch/embeddings", orjson.dumps(
+        {"model": MODEL, "input": lines, "endpoint": PATH, "completion_window": "24h"})))
+    return str(created["id"])
+
+
+def _job(gw: Proc, job_id: str) -> dict[str, Any]:
+    job: dict[str, Any] = orjson.loads(call(gw.port, "GET", f"/v1/batch/{job_id}"))
+    return job
+
+
+def _wait_job(gw: Proc, job_id: str, until: Callable[[dict[str, Any]], bool], timeout_s: float = 600) -> float:
+    deadline = time.monotonic() + timeout_s
+    while not until(job := _job(gw, job_id)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"batch job {job_id} stuck: {job}")
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def _ended(job: dict[str, Any]) -> bool:
+    return job["status"] in ("completed", "failed", "cancelled")
+
+
+def _job_alone(ctx: Ctx, gw: Proc, tag: str) -> _JobRun:
+    """The job's throughput with nothing else to do: submit to completed. (After the gateway's
+    `batch.yield_quiet_s` without interactive requests: the job runs at full speed from the start.)"""
+    job_id = _new_job(ctx, gw, tag, settle_s=1.1)
+    t0 = time.monotonic()
+    t1 = _wait_job(gw, job_id, _ended)
+    job = _job(gw, job_id)
+    if job["status"] != "completed" or job["request_counts"]["completed"] != ctx.settings.batch_lines:
+        raise RuntimeError(f"batch job did not complete every line: {job}")
+    return _JobRun(ctx.settings.batch_lines, t1 - t0, covered=True)
+
+
+def _beside_a_job(ctx: Ctx, gw: Proc, ld: load.Load, tag: str) -> tuple[load.Result, _JobRun]:
+    """One window of interactive load while a fresh job runs (started first, so it is under way); the job is
+    cancelled afterwards to keep the bench short."""
+    job_id = _new_job(ctx, gw, tag)
+    _wait_job(gw, job_id, lambda j: j["request_counts"]["completed"] > 0 or _ended(j))
+    before, t0 = _job(gw, job_id), time.monotonic()
+    result = load.run("raw", ld)
+    after, t1 = _job(gw, job_id), time.monotonic()
+    done = after["request_counts"]["completed"] - before["request_counts"]["completed"]
+    call(gw.port, "DELETE", f"/v1/batch/{job_id}")
+    _wait_job(gw, job_id, _ended)
+    return result, _JobRun(done, t1 - t0, covered=not _ended(after))
+
+
+def _interference_rows(
+    ctx: Ctx, alone: load.Result, beside: load.Result, idle: list[_JobRun], jobs: list[_JobRun]
+) -> None:
+    s = ctx.settings
+    ratio50, ratio99 = beside.p50_ms / alone.p50_ms, beside.p99_ms / alone.p99_ms
+    covered = all(j.covered for j in jobs)
+    rate_under = statistics.median(j.lines_per_s for j in jobs)
+    rate_idle = statistics.median(j.lines_per_s for j in idle)
+    note = "" if covered else " (the job ended inside a window)"
+    ctx.rows.append(Row(f"7 interactive while a {s.batch_lines:,}-line job runs, c={s.batch_concurrency}",
+                        latency(beside), "no job " + latency(alone),
+                        f"p50 x{ratio50:.2f} / p99 x{ratio99:.2f}{note}", "p50 <= 1.50x",
+                        ratio50 <= 1.5 and covered, cpu(beside, alone)))
+    ctx.rows.append(Row("  job throughput", f"{rate_under:,.0f} lines/s under that load",
+                        f"{rate_idle:,.0f} lines/s idle", f"{rate_under / rate_idle:.2f}x"))
+    ctx.raw["batch_interference"] = {
+        "without_job": alone.as_dict(), "with_job": beside.as_dict(), "p50_ratio": ratio50, "p99_ratio": ratio99,
+        "idle_lines_per_s": rate_idle, "idle_seconds": [j.seconds for j in idle],
+        "windows": [{"lines": j.lines, "seconds": j.seconds, "covered": j.covered} for j in jobs],
+    }

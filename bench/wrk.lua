@@ -2,10 +2,12 @@
 --   cycle:  FILE holds one request body per line; each thread cycles through them from its own offset.
 --   unique: FILE holds two lines, the text before and after a request-unique token (RUN-thread-counter),
 --           so every request carries inputs nobody has sent before.
+--   mix:    FILE's first line is N, the next two a `unique` template, the rest `cycle` bodies: every Nth
+--           request is new (a miss), the others cycle (hits).
 -- done() prints one JSON line that bench/load.py reads.
 
 local threads_started = 0
-local mode, bodies, n, i, pre, post, run, counter
+local mode, bodies, n, i, pre, post, run, counter, every
 
 function setup(thread)
   threads_started = threads_started + 1
@@ -17,26 +19,27 @@ function init(args)
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
   wrk.headers["Authorization"] = "Bearer " .. args[3]
-  if mode == "cycle" then
-    bodies = {}
-    for line in io.lines(args[2]) do bodies[#bodies + 1] = line end
-    n = #bodies
-    i = ((tid or 1) * 7919) % n
-  else
-    local f = assert(io.open(args[2]))
-    pre = f:read("*l")
-    post = f:read("*l")
-    f:close()
+  bodies = {}
+  for line in io.lines(args[2]) do bodies[#bodies + 1] = line end
+  if mode == "mix" then
+    every = tonumber(table.remove(bodies, 1))
+  end
+  if mode ~= "cycle" then
+    pre = table.remove(bodies, 1)
+    post = table.remove(bodies, 1)
     run = args[4] or "0"
     counter = 0
   end
+  n = #bodies
+  i = n > 0 and ((tid or 1) * 7919) % n or 0
 end
 
 function request()
   local body
-  if mode == "cycle" then
+  if mode == "cycle" or (mode == "mix" and (counter + 1) % every ~= 0) then
     i = i % n + 1
     body = bodies[i]
+    if mode == "mix" then counter = counter + 1 end
   else
     counter = counter + 1
     body = pre .. run .. "-" .. (tid or 1) .. "-" .. counter .. post
