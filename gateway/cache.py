@@ -73,10 +73,11 @@ def unit_key(prefix: bytes, items: Sequence[Item]) -> bytes:
 # ---- codec -----------------------------------------------------------------------------------------------
 
 
-def encode(vec: np.ndarray, tokens: int) -> bytes:
+def encode(vec: np.ndarray, tokens: int, *, compact: bool = True) -> bytes:
+    """`compact=False` keeps the floats raw: ~15% larger, ~10x faster to write (`decode` reads both)."""
     arr = np.ascontiguousarray(vec, dtype="<f4")
     rows = arr.shape[0] if arr.ndim == 2 else 0
-    payload, flags = _pack_floats(arr.reshape(-1))
+    payload, flags = _pack_floats(arr.reshape(-1)) if compact else (arr.tobytes(), 0)
     return _HEADER.pack(VERSION, flags, rows, tokens) + payload
 
 

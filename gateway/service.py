@@ -5,6 +5,7 @@ Both the `/v1/embeddings` handler and the batch worker call `EmbeddingService.em
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,11 +61,15 @@ class EmbeddingService:
         self.coalescer = coalescer
         self.scope = scope
         self.admission = admission
+        # When the last interactive request came in (monotonic): batch jobs yield to interactive work.
+        self.interactive_at = float("-inf")
 
     async def embed(
         self, team: cfg.Team, request: EmbeddingRequest, *, deadline: float, priority: Priority = "interactive"
     ) -> Outcome:
         """Serves one request. `priority="batch"` (batch jobs) queues behind interactive work."""
+        if priority == "interactive":
+            self.interactive_at = time.monotonic()
         prefix = key_prefix(request, team.name if self.scope == "team" else None)
         if request.unit:
             return await self._embed_unit(team, request, prefix, deadline)

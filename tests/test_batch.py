@@ -401,6 +401,22 @@ async def test_an_input_the_upstream_refuses_fails_only_its_line(gateway: Gatewa
     assert error["error"]["line"] == 2 and "exceed" in error["error"]["message"]
 
 
+async def test_while_interactive_requests_come_in_a_job_works_in_small_steps(gateway: Gateway) -> None:
+    client = await gateway(batch={"chunk_lines": 50, "yield_quiet_s": 3600, "yield_step_lines": 10,
+                                  "yield_cpu_share": 1.0})  # share 1: no pauses, so nothing here is timed
+    sim = sim_of(client)
+    job = await run_file(client, [line(str(i), text(i, "idle")) for i in range(100)])
+    assert job.completed == 100
+    # Idle (the job's own calls do not count as interactive work): one call per chunk.
+    assert sorted(len(r["input"]) for r in sim.requests) == [50, 50]
+    await sync(client, {"input": "an interactive request"})
+    sim.reset_counters()
+    job = await run_file(client, [line(str(i), text(i, "busy")) for i in range(100)])
+    assert job.completed == 100
+    assert [len(r["input"]) for r in sim.requests] == [10] * 10
+    assert [o["custom_id"] for o in await stream(client, job.id)] == [str(i) for i in range(100)]
+
+
 class Admission:
     """Refuses with the given errors first, then admits everything."""
 
