@@ -234,6 +234,10 @@ class BatchWorker:
             status, error = await self._watch(job, runner)
         finally:
             del self._runners[job.id]
+        code = "BATCH_FAILED"
+        if status == "expired":
+            status, error = await self._expire(job)
+            code = "BATCH_EXPIRED"
         if status is None:
             log.warning("batch job %s: lost its lease; another worker resumes it", job.id)
             return
@@ -242,7 +246,7 @@ class BatchWorker:
                 await self.store.release(job.team, job.id, self.token)
             return
         try:
-            await self.store.finish(job.team, job.id, self.token, status, self.now(), error)
+            await self.store.finish(job.team, job.id, self.token, status, self.now(), error, code)
         except Exception as exc:  # the next holder finds every chunk committed and finishes it at once
             log.warning("batch job %s: could not record its end (%r); it is retried", job.id, exc)
             return
@@ -262,6 +266,9 @@ class BatchWorker:
             if status is None or status == "cancelling":
                 await _cancel(runner)
                 return (None if status is None else "cancelled"), ""
+            if self.now() >= job.deadline:  # e.g. waiting for the quota window: stop now, not after the wait
+                await _cancel(runner)
+                return "expired", ""
 
     async def _execute(self, job: Job) -> str:
         """Runs the chunks not yet committed, a few at once, committing them in order; the final status."""
@@ -273,11 +280,12 @@ class BatchWorker:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                while following < job.chunks and len(pending) < self.batch.chunks_in_flight:
+                expired = self.now() >= job.deadline
+                while following < job.chunks and len(pending) < self.batch.chunks_in_flight and not expired:
                     pending.append(loop.create_task(self._run_chunk(team, job, following)))
                     following += 1
                 if not pending:
-                    return "completed"
+                    return "expired" if following < job.chunks else "completed"
                 chunk = await pending.popleft()
                 status = await self.store.commit(
                     job.team, job.id, self.token, chunk.index, chunk.output, chunk.errors, chunk.completed,
@@ -291,6 +299,27 @@ class BatchWorker:
             if pending:
                 # Shielded: a second cancel of this runner ends it at once, while the chunks still get stopped.
                 await asyncio.shield(asyncio.gather(*(_cancel(task) for task in pending)))
+
+    async def _expire(self, job: Job) -> tuple[str | None, str]:
+        """The job's completion window has ended: its lines not run go to the errors stream (BATCH_EXPIRED),
+        chunk by chunk as checkpoints, so every custom_id still ends up once in output or errors; then it ends
+        as failed, keeping the lines done. (None, '') when the lease was lost; ('', '') on store trouble."""
+        why = f"not run: the job's {job.completion_window} completion_window ended"
+        try:
+            current = await self.store.get_job(job.team, job.id)
+            for index in range(current.next_chunk if current is not None else job.chunks, job.chunks):
+                blob = await self.store.chunk(job.team, job.id, index)
+                lines = decode_chunk(blob) if blob is not None else []
+                errors = b"".join(LineError(x.number, x.custom_id, "BATCH_EXPIRED", why).render() for x in lines)
+                status = await self.store.commit(job.team, job.id, self.token, index, b"", errors, 0, len(lines))
+                if status is None:
+                    return None, ""
+                if status == "cancelling":
+                    return "cancelled", ""
+        except Exception as exc:
+            log.warning("batch job %s: could not expire it (%r); it is retried", job.id, exc)
+            return "", ""
+        return "failed", f"the {job.completion_window} completion_window ended before every line ran; see /errors"
 
     # ---- one chunk -------------------------------------------------------------------------------------
 

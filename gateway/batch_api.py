@@ -23,7 +23,8 @@ from .handlers import principal_of, read_body
 from .jobs import FileMeta, Job, Stream
 from .protocol import parse_json_object
 
-_WINDOW = re.compile(r"[1-9][0-9]*h")
+_WINDOW = re.compile(r"[1-9][0-9]{0,2}h")
+_MAX_WINDOW_H = 720  # 30 days: a job still not done by then is stuck, not slow
 _READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 
 
@@ -167,8 +168,8 @@ def _job_fields(body: dict[str, Any]) -> tuple[str, str, str]:
     if endpoint not in ENDPOINTS:
         raise ValidationFailed("endpoint", f"must be {ENDPOINTS[0]}")
     window = body.get("completion_window", "24h")
-    if not isinstance(window, str) or not _WINDOW.fullmatch(window):
-        raise ValidationFailed("completion_window", "must be hours, like '24h'")
+    if not isinstance(window, str) or not _WINDOW.fullmatch(window) or int(window[:-1]) > _MAX_WINDOW_H:
+        raise ValidationFailed("completion_window", f"must be hours from 1h to {_MAX_WINDOW_H}h, like '24h'")
     return model, ENDPOINTS[0], window
 
 

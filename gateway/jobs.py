@@ -62,6 +62,12 @@ class Job:
     failed_at: int = 0
     expires_at: int = 0
     error: str = ""
+    error_code: str = ""
+
+    @property
+    def deadline(self) -> int:
+        """When its `completion_window` ends (validated as hours, like '24h')."""
+        return self.created_at + int(self.completion_window.removesuffix("h")) * 3600
 
     def to_fields(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -91,7 +97,8 @@ class Job:
         for name in ("in_progress_at", "cancelling_at", "cancelled_at", "completed_at", "failed_at", "expires_at"):
             out[name] = getattr(self, name) or None
         if self.error:
-            out["errors"] = {"object": "list", "data": [{"code": "BATCH_FAILED", "message": self.error}]}
+            code = self.error_code or "BATCH_FAILED"
+            out["errors"] = {"object": "list", "data": [{"code": code, "message": self.error}]}
         return out
 
 
@@ -148,7 +155,9 @@ class JobStore(Protocol):
     ) -> str | None:
         """Status after checkpointing chunk `index`; None when the lease is lost or the chunk is not next."""
 
-    async def finish(self, team: str, job_id: str, token: str, status: str, now: int, error: str = "") -> bool: ...
+    async def finish(
+        self, team: str, job_id: str, token: str, status: str, now: int, error: str = "", code: str = "BATCH_FAILED"
+    ) -> bool: ...
 
     async def release(self, team: str, job_id: str, token: str) -> None: ...
 
@@ -314,9 +323,11 @@ class RedisJobStore:
         )
         return None if status is None else _s(status)
 
-    async def finish(self, team: str, job_id: str, token: str, status: str, now: int, error: str = "") -> bool:
+    async def finish(
+        self, team: str, job_id: str, token: str, status: str, now: int, error: str = "", code: str = "BATCH_FAILED"
+    ) -> bool:
         done = await self._scripts["finish"](
-            keys=self._job_keys(team, job_id), args=[token, status, now, self.retention_s, job_id, error]
+            keys=self._job_keys(team, job_id), args=[token, status, now, self.retention_s, job_id, error, code]
         )
         if done:
             await self.redis.zrem(BATCH_RUNNABLE, f"{job_id} {team}")
@@ -437,10 +448,10 @@ class MemoryJobStore:
         self._end(job, "cancelled", now)
         return "cancelled"
 
-    def _end(self, job: _MemJob, status: str, now: int, error: str = "") -> None:
+    def _end(self, job: _MemJob, status: str, now: int, error: str = "", code: str = "") -> None:
         job.fields.update({"status": status, f"{status}_at": str(now), "expires_at": str(now + self.retention_s)})
         if error:
-            job.fields["error"] = error
+            job.fields.update(error=error, error_code=code)
         job.lease = None
         job.chunks = []
         job.expires = self.clock() + self.retention_s
@@ -501,11 +512,13 @@ class MemoryJobStore:
         job.lease = (token, self.clock() + self.lease_s)
         return f["status"]
 
-    async def finish(self, team: str, job_id: str, token: str, status: str, now: int, error: str = "") -> bool:
+    async def finish(
+        self, team: str, job_id: str, token: str, status: str, now: int, error: str = "", code: str = "BATCH_FAILED"
+    ) -> bool:
         job = self._job(team, job_id)
         if job is None or self._holder(job) != (token or None):
             return False
-        self._end(job, status, now, error)
+        self._end(job, status, now, error, code)
         return True
 
     async def release(self, team: str, job_id: str, token: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from typing import Any
 
 import aiohttp
@@ -240,12 +241,18 @@ async def test_job_request_validation(gateway: Gateway) -> None:
         ({"model": MODEL, "input_file_id": fid, "input": []}, "input_file_id"),
         ({"model": MODEL, "input_file_id": fid, "endpoint": "/v1/chat/completions"}, "endpoint"),
         ({"model": MODEL, "input_file_id": fid, "completion_window": "soon"}, "completion_window"),
+        ({"model": MODEL, "input_file_id": fid, "completion_window": "0h"}, "completion_window"),
+        ({"model": MODEL, "input_file_id": fid, "completion_window": "721h"}, "completion_window"),
+        ({"model": MODEL, "input_file_id": fid, "completion_window": 24}, "completion_window"),
         ({"model": MODEL, "input": []}, "input"),
     ]
     for body, field in cases:
         status, answer = await submit(client, body)
         assert status == 422, body
         assert answer["errors"][0]["field"] == field
+    for window in ("1h", "720h"):
+        status, answer = await submit(client, {"model": MODEL, "input_file_id": fid, "completion_window": window})
+        assert status == 202 and answer["completion_window"] == window
     status, answer = await submit(client, {"model": MODEL, "input_file_id": "file-nope"})
     assert status == 404
     status, answer = await submit(client, {"model": MODEL, "input_file_id": fid}, key=TEAM_B_KEY)
@@ -501,6 +508,42 @@ async def test_cancel_half_way_keeps_the_done_lines(gateway: Gateway, redis_url:
     assert [o["custom_id"] for o in out] == [f"id-{i}" for i in range(1000)]
     assert await stream(client, created["id"], "errors") == []
     gate.open()  # the held call lands (in the cache) before the app closes
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_past_its_completion_window_a_job_fails_keeping_the_lines_done(
+    gateway: Gateway, redis_url: str, store: str
+) -> None:
+    simulator, gate = gated(2)  # chunks 0 and 1 are answered, chunk 2's call is held
+    client = await start(gateway, store, redis_url, simulator=simulator,
+                         batch={"chunk_lines": 50, "chunks_in_flight": 1, "heartbeat_s": 0.2})
+    rows = [line(f"id-{i}", text(i)) for i in range(200)]
+    _, created = await submit(client, {"model": MODEL, "input": rows, "completion_window": "2h"})
+    await progress(client, created["id"], 100)
+    worker = client.app[K.BATCH_WORKER]
+    worker.clock = lambda: created["created_at"] + 2 * 3600  # the window ends while chunk 2 waits upstream
+    job = await settled(client, created["id"])
+    assert job.status == "failed" and job.failed_at == created["created_at"] + 2 * 3600
+    assert (job.total, job.completed, job.failed) == (200, 100, 100)
+    body = await (await client.get(f"/v1/batch/{job.id}", headers=auth())).json()
+    assert body["errors"]["data"][0]["code"] == "BATCH_EXPIRED"
+    assert [o["custom_id"] for o in await stream(client, job.id)] == [f"id-{i}" for i in range(100)]
+    errors = await stream(client, job.id, "errors")  # every custom_id once, in output or errors
+    assert [(e["custom_id"], e["error"]["line"]) for e in errors] == [(f"id-{i}", i + 1) for i in range(100, 200)]
+    assert {e["error"]["code"] for e in errors} == {"BATCH_EXPIRED"}
+    assert "2h completion_window" in errors[0]["error"]["message"]
+    gate.open()
+
+
+async def test_a_job_claimed_after_its_completion_window_runs_nothing(gateway: Gateway) -> None:
+    client = await gateway(batch={"chunk_lines": 2})
+    client.app[K.BATCH_WORKER].clock = lambda: time.time() + 3600  # claimed an hour late
+    _, created = await submit(client, {"model": MODEL, "input": [line(str(i), text(i)) for i in range(5)],
+                                       "completion_window": "1h"})
+    job = await settled(client, created["id"])
+    assert job.status == "failed" and (job.completed, job.failed) == (0, 5)
+    assert [e["error"]["code"] for e in await stream(client, job.id, "errors")] == ["BATCH_EXPIRED"] * 5
+    assert sim_of(client).calls == 0
 
 
 async def test_a_dead_workers_job_is_resumed_from_its_checkpoint_by_another_replica(

@@ -170,3 +170,51 @@ async def test_a_job_indexed_but_not_yet_created_is_not_forgotten(redis_url: str
     assert await store.claim("team-a", "batch_old", "w1", now=1) is None
     assert await store.runnable() == [("team-a", "batch_new")]  # the creator's script may run any moment
     await client.aclose()
+
+
+async def test_an_expired_job_ends_with_its_error_code(backend: tuple[JobStore, Expire]) -> None:
+    store, _ = backend
+    await store.create_job(new_job(chunks=1), [b"c0"], b"", max_active=4)
+    await store.claim("team-a", "batch_1", "w1", now=200)
+    assert await store.finish("team-a", "batch_1", "w1", "failed", now=300, error="too late", code="BATCH_EXPIRED")
+    job = await store.get_job("team-a", "batch_1")
+    assert job is not None and (job.status, job.failed_at, job.error_code) == ("failed", 300, "BATCH_EXPIRED")
+    assert job.public()["errors"]["data"] == [{"code": "BATCH_EXPIRED", "message": "too late"}]
+
+
+async def _finished_job_and_file(store: JobStore) -> None:
+    """A file, and a job that ran (output and errors written) and ended: everything retention must delete."""
+    meta = FileMeta(id="file-1", team="team-a", bytes=3, lines=1, created_at=1, expires_at=61, filename="f.jsonl")
+    await store.put_file(meta, b"{}\n", ttl_s=60)
+    await store.create_job(new_job(chunks=1), [b"c0"], b"bad line\n", max_active=4)
+    await store.claim("team-a", "batch_1", "w1", now=200)
+    await store.commit("team-a", "batch_1", "w1", 0, b"out", b"err\n", 1, 1)
+    await store.finish("team-a", "batch_1", "w1", "completed", now=300)
+
+
+async def test_memory_store_deletes_jobs_outputs_and_files_after_the_retention() -> None:
+    clock = Clock()
+    store = MemoryJobStore(lease_s=30, retention_s=3600, clock=clock)
+    await _finished_job_and_file(store)
+    clock.now += 3599
+    assert await store.read("team-a", "batch_1", "output", 0, 5) == [b"out"]
+    assert await store.get_file("team-a", "file-1") is None  # its own, shorter retention
+    clock.now += 1
+    assert await store.get_job("team-a", "batch_1") is None
+    assert await store.read("team-a", "batch_1", "output", 0, 5) == []
+    assert await store.read("team-a", "batch_1", "errors", 0, 5) == []
+    assert await store.list_jobs("team-a", limit=5, after=None) == ([], False)
+
+
+async def test_redis_store_gives_every_key_of_a_finished_job_and_of_a_file_the_retention(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    await _finished_job_and_file(RedisJobStore(client, lease_s=30, retention_s=3600))
+    job, file = batch_key("team-a", "job", "batch_1"), batch_key("team-a", "file", "file-1")
+    ttls = {k.decode(): await client.ttl(k) for k in await client.keys(batch_key("team-a", "*"))}
+    # Redis deletes each key when its TTL runs out; only the team's small index and counter have none.
+    assert {k for k, ttl in ttls.items() if ttl == -1} == {batch_key("team-a", "jobs"), batch_key("team-a", "seq")}
+    kept = {k: ttl for k, ttl in ttls.items() if ttl != -1}
+    assert set(kept) == {job, job + ":output", job + ":errors", file, file + ":content"}
+    assert all(3590 <= kept[k] <= 3600 for k in (job, job + ":output", job + ":errors"))
+    assert all(50 <= kept[k] <= 60 for k in (file, file + ":content"))
+    await client.aclose()

@@ -4,6 +4,7 @@ the document is valid OpenAPI 3.1, and real answers match its schemas and header
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import jsonschema
@@ -11,6 +12,7 @@ import orjson
 from aiohttp import web
 from openapi_spec_validator import validate
 
+from gateway import appkeys as K
 from gateway import openapi
 from gateway.app import create_app
 from gateway.config import from_data
@@ -106,6 +108,27 @@ async def test_real_answers_match_the_documented_schemas_and_headers(gateway: Ga
     check(await (await client.get("/readyz")).json(), "Readiness")
     health = openapi.source()["paths"]["/healthz"]["get"]["responses"]["200"]["content"]["application/json"]
     jsonschema.validate(await (await client.get("/healthz")).json(), health["schema"])
+
+
+async def test_batch_answers_match_the_documented_schemas(gateway: Gateway) -> None:
+    from .test_batch import MODEL, jsonl, line, settled, submit, upload
+
+    client = await gateway()
+    status, file = await upload(client, jsonl([line("a", "x"), line("b", "y")]))
+    assert status == 200
+    check(file, "File")
+    status, created = await submit(client, {"model": MODEL, "input_file_id": file["id"]})
+    assert status == 202
+    check(created, "BatchJob")
+    await settled(client, created["id"])
+    client.app[K.BATCH_WORKER].clock = lambda: time.time() + 3600  # the next job is claimed past its window
+    _, late = await submit(client, {"model": MODEL, "input": [line("c", "z")], "completion_window": "1h"})
+    await settled(client, late["id"])
+    listed = await (await client.get("/v1/batches", headers=auth())).json()
+    assert [j["status"] for j in listed["data"]] == ["failed", "completed"]
+    for job in listed["data"]:
+        check(job, "BatchJob")
+        check(await (await client.get(f"/v1/batch/{job['id']}", headers=auth())).json(), "BatchJob")
 
 
 def test_served_routes_helper_sees_variable_routes() -> None:
