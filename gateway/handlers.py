@@ -38,9 +38,15 @@ async def read_body(request: web.Request) -> bytes:
     limit = limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
+    content = request.content
+    if content.is_eof():
+        # The whole body came with the headers: take the buffer as it is (no timer, and none of read()'s
+        # chunk loop), checking the size read() would have checked.
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+        return body
     try:
-        if request.content.is_eof():  # the whole body came with the headers: nothing to wait for, no timer
-            return await request.read()
         async with asyncio.timeout(limits.request_timeout_s):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -63,28 +69,31 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def _embed(request: web.Request, team: cfg.Team) -> web.Response:
-    config = request.app[K.LIVE].config
+    # This runs for every request: the parts are looked up once and passed on.
+    app = request.app
+    config = app[K.LIVE].config
     started = time.monotonic()
     body = parse_json_object(await read_body(request))
     max_inputs = config.limits.max_inputs_per_request
     if team.max_inputs_per_request is not None:
         max_inputs = min(max_inputs, team.max_inputs_per_request)
     req = parse_embedding_request(body, max_inputs=max_inputs)
+    model, inputs = req.model, len(req.items)
     # Logged even when the request fails below (429, 5xx): who asked for what is the useful part then.
-    request[K.LOG_FIELDS].update(model=req.model, inputs=len(req.items))
-    if team.models is not None and req.model not in team.models:
-        raise Forbidden(f"team {team.name!r} may not use model {req.model!r}", code="MODEL_NOT_ALLOWED")
-    outcome = await request.app[K.SERVICE].embed(
-        team, req, deadline=started + config.limits.request_timeout_s
-    )
-    fragments = request.app[K.CACHE].render(outcome.keys, outcome.vectors, req.output)
-    payload = render_body(req.model, outcome.tokens, fragments)
-    _account(request, team.name, req.model, len(req.items), outcome)
-    return web.Response(body=payload, content_type="application/json", headers=_headers(outcome))
+    fields = request[K.LOG_FIELDS]
+    fields["model"] = model
+    fields["inputs"] = inputs
+    if team.models is not None and model not in team.models:
+        raise Forbidden(f"team {team.name!r} may not use model {model!r}", code="MODEL_NOT_ALLOWED")
+    outcome = await app[K.SERVICE].embed(team, req, deadline=started + config.limits.request_timeout_s)
+    payload = render_body(model, outcome.tokens, app[K.CACHE].render(outcome.keys, outcome.vectors, req.output))
+    _account(app, config, fields, team.name, model, inputs, outcome)
+    return web.Response(body=payload, headers=_headers(outcome))
 
 
 def _headers(outcome: Outcome) -> dict[str, str]:
     headers = {
+        "Content-Type": "application/json",
         "X-Cache-Hits": str(outcome.hits),
         "X-Cache-Misses": str(outcome.misses),
         "X-Cache-Joined": str(outcome.joined),
@@ -95,21 +104,24 @@ def _headers(outcome: Outcome) -> dict[str, str]:
     return headers
 
 
-def _account(request: web.Request, team: str, model: str, inputs: int, outcome: Outcome) -> None:
+def _account(
+    app: web.Application, config: cfg.Config, fields: dict[str, object], team: str, model: str, inputs: int,
+    outcome: Outcome,
+) -> None:
     """Metrics, durable usage and the access log's counts of one answered request (no I/O here)."""
-    price = request.app[K.LIVE].config.prices.get(model, 0.0)
-    cost, saved = outcome.upstream_tokens * price / 1e6, outcome.cached_tokens * price / 1e6
-    request.app[K.METRICS].count_embed(team, model, (
-        outcome.hits, outcome.misses, outcome.joined, outcome.upstream_tokens, outcome.cached_tokens, cost, saved,
+    price = config.prices.get(model, 0.0)
+    hits, misses, joined = outcome.hits, outcome.misses, outcome.joined
+    upstream, cached = outcome.upstream_tokens, outcome.cached_tokens
+    cost, saved = upstream * price / 1e6, cached * price / 1e6
+    app[K.METRICS].count_embed(team, model, (hits, misses, joined, upstream, cached, cost, saved))
+    app[K.USAGE].record(team, model, Tally(
+        requests=1, inputs=inputs, hits=hits, misses=misses, joined=joined, upstream_tokens=upstream,
+        cached_tokens=cached, cost_usd=cost, cost_saved_usd=saved,
     ))
-    request.app[K.USAGE].record(team, model, Tally(
-        requests=1, inputs=inputs, hits=outcome.hits, misses=outcome.misses, joined=outcome.joined,
-        upstream_tokens=outcome.upstream_tokens, cached_tokens=outcome.cached_tokens,
-        cost_usd=cost, cost_saved_usd=saved,
-    ))
-    request[K.LOG_FIELDS].update(
-        hits=outcome.hits, misses=outcome.misses, joined=outcome.joined, upstream_tokens=outcome.upstream_tokens,
-    )
+    fields["hits"] = hits
+    fields["misses"] = misses
+    fields["joined"] = joined
+    fields["upstream_tokens"] = upstream
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -77,10 +77,13 @@ def gateway_middleware() -> Middleware:
         if in_flight is not None:
             in_flight.enter()
         status = 500
+        team = ""
         try:
             try:
                 if not public:
-                    request[K.PRINCIPAL] = app[K.LIVE].keyring.authenticate(request.headers.get("Authorization"))
+                    principal = app[K.LIVE].keyring.authenticate(request.headers.get("Authorization"))
+                    request[K.PRINCIPAL] = principal
+                    team = principal.name
                 response = await handler(request)
             except GatewayError as exc:
                 response = web.Response(
@@ -103,19 +106,18 @@ def gateway_middleware() -> Middleware:
         finally:
             if in_flight is not None:
                 in_flight.leave()
-            _observe(request, request_id, status, time.perf_counter() - started, fields, public)
+            _observe(request, app, request_id, team, status, time.perf_counter() - started, fields, public)
 
     return impl
 
 
 def _observe(
-    request: web.Request, rid: str, status: int, seconds: float, fields: dict[str, object], public: bool
+    request: web.Request, app: web.Application, rid: str, team: str, status: int, seconds: float,
+    fields: dict[str, object], public: bool,
 ) -> None:
     route = request.match_info.route.resource
     path = route.canonical if route is not None else "unmatched"
-    principal = request.get(K.PRINCIPAL)
-    team = principal.name if principal is not None else ""
-    request.app[K.METRICS].count_request(path, status, team, seconds)
+    app[K.METRICS].count_request(path, status, team, seconds)
     if public:
         return
     line = {"request_id": rid, "method": request.method, "path": path, "team": team, "status": status,

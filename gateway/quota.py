@@ -57,10 +57,26 @@ class Limits:
 
     @classmethod
     def of(cls, quota: cfg.Quota) -> Limits:
-        return cls(tuple(getattr(quota, name) or 0 for name in POLICIES))  # type: ignore[arg-type]
+        return _limits_of(quota)
 
     def __bool__(self) -> bool:
         return any(self.values)
+
+
+_LIMITS: dict[int, tuple[cfg.Quota, Limits]] = {}
+
+
+def _limits_of(quota: cfg.Quota) -> Limits:
+    """Memoised by identity: admission asks for every request, a team's policies change only with the config,
+    and a frozen dataclass hashes in Python (the stored quota guards against a reused id)."""
+    hit = _LIMITS.get(id(quota))
+    if hit is not None and hit[0] is quota:
+        return hit[1]
+    limits = Limits(tuple(getattr(quota, name) or 0 for name in POLICIES))  # type: ignore[arg-type]
+    if len(_LIMITS) > 4096:  # reloads keep creating Quota objects: never let the memo grow without bound
+        _LIMITS.clear()
+    _LIMITS[id(quota)] = (quota, limits)
+    return limits
 
 
 @dataclass(frozen=True, slots=True)
