@@ -51,13 +51,17 @@ def key_prefix(request: EmbeddingRequest, team: str | None) -> bytes:
 
 
 def item_keys(prefix: bytes, items: Sequence[Item]) -> list[bytes]:
-    base = xxhash.xxh3_128(prefix)
-    keys = []
-    for item in items:
-        h = base.copy()
-        h.update(canonical_item(item))
-        keys.append(h.digest())
-    return keys
+    """xxh3-128 of prefix + canonical item, one call per item (the same digest as hashing the two parts in
+    a stream, without a hasher object per item); text items skip `canonical_item`'s call."""
+    text_prefix = prefix + b"s"
+    return [
+        _digest(text_prefix + item.encode("utf-8", "surrogatepass")) if type(item) is str
+        else _digest(prefix + canonical_item(item))
+        for item in items
+    ]
+
+
+_digest = xxhash.xxh3_128_digest
 
 
 def unit_key(prefix: bytes, items: Sequence[Item]) -> bytes:
@@ -182,6 +186,10 @@ class HotCache:
         hot = self._data.get(key)
         return None if hot is None else hot.rendered.get(output)
 
+    def renderings(self, keys: Sequence[bytes], output: str) -> list[bytes | None]:
+        get = self._data.get
+        return [None if (hot := get(key)) is None else hot.rendered.get(output) for key in keys]
+
     def remember(self, key: bytes, output: str, fragment: bytes) -> None:
         """Keeps a rendering of a resident entry (an entry no longer resident is not brought back)."""
         hot = self._data.get(key)
@@ -295,11 +303,9 @@ class EmbeddingCache:
         hot = self.hot
         if hot is None or len(keys) != len(vectors):
             return [render_fragment(vec, output) for vec in vectors]
-        out = []
-        for key, vec in zip(keys, vectors, strict=True):
-            fragment = hot.rendered(key, output)
+        out = hot.renderings(keys, output)  # the common case, all memoised, in one pass
+        for i, fragment in enumerate(out):
             if fragment is None:
-                fragment = render_fragment(vec, output)
-                hot.remember(key, output, fragment)
-            out.append(fragment)
-        return out
+                out[i] = fragment = render_fragment(vectors[i], output)
+                hot.remember(keys[i], output, fragment)
+        return out  # type: ignore[return-value]  # no None is left

@@ -12,6 +12,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain, repeat
 from typing import Any, Literal
 
 import numpy as np
@@ -150,14 +151,21 @@ def render_body(model: str, tokens: int, fragments: Sequence[bytes]) -> bytes:
     """Splices rendered `embedding` values into the upstream's response shape, byte for byte what orjson
     emits for `{"model", "object", "usage", "data": [{"object", "index", "embedding"}]}`: no dict per vector,
     and one copy of the (possibly large) fragments."""
-    parts = [b'{"model":%b,"object":"list","usage":{"total_tokens":%d,"prompt_tokens":%d},"data":[' % (
-        orjson.dumps(model), tokens, tokens)]
-    for i, fragment in enumerate(fragments):
-        parts.append(b'%b{"object":"embedding","index":%d,"embedding":' % (b"," if i else b"", i))
-        parts.append(fragment)
-        parts.append(b"}")
-    parts.append(b"]}")
-    return b"".join(parts)
+    head = b'{"model":%b,"object":"list","usage":{"total_tokens":%d,"prompt_tokens":%d},"data":[' % (
+        orjson.dumps(model), tokens, tokens)
+    n = len(fragments)
+    openers = _OPENERS if n <= len(_OPENERS) else [_opener(i) for i in range(n)]
+    # Each item is opener, fragment, "}": interleaved by zip/chain, so no Python loop runs per item.
+    # (openers may be longer than fragments: zip stops at the shortest.) One join, so one copy of the whole.
+    items = chain.from_iterable(zip(openers, fragments, repeat(b"}", n), strict=False))
+    return b"".join(chain((head,), items, (b"]}",)))
+
+
+def _opener(i: int) -> bytes:
+    return b'%b{"object":"embedding","index":%d,"embedding":' % (b"," if i else b"", i)
+
+
+_OPENERS = [_opener(i) for i in range(4096)]  # one per index: cheaper than formatting one per item
 
 
 def render_embeddings(model: str, vectors: list[np.ndarray], tokens: int, output: str) -> bytes:

@@ -261,3 +261,13 @@ async def test_hot_entries_render_byte_identically_and_survive_a_flushed_redis(
         assert first == memoised == await upstream_answer(sim, {**body, **fmt})
     assert sim.calls == calls
 
+
+
+def test_content_keys_are_stable_across_releases() -> None:
+    """Keys address entries other replicas and earlier releases wrote: a change in how they are computed
+    would silently empty the cache. These digests were computed by the first release's streaming hasher."""
+    prefix = b'{"model":"m"}\x00\x00'
+    keys = item_keys(prefix, ["hello world", {"text": "hi", "image": None}, "caf\u00e9 \ud800"])
+    assert [k.hex() for k in keys] == [
+        "e07b377de4822732bc001146cd758cb0", "240083a27742f810fa1243a58aa2070d", "ba7892f1ddaf4043da157afc8156d420",
+    ]
