@@ -171,6 +171,16 @@ class HotCache:
         self._data.move_to_end(key)
         return hot.entry
 
+    def get_many(self, keys: Sequence[bytes]) -> list[Entry | None]:
+        data = self._data
+        if len(keys) == 1:  # the most common request: one input
+            hot = data.get(keys[0])
+            if hot is None:
+                return [None]
+            data.move_to_end(keys[0])
+            return [hot.entry]
+        return [self.get(key) for key in keys]
+
     def put(self, key: bytes, entry: Entry) -> None:
         if key in self._data:
             return
@@ -259,7 +269,7 @@ class EmbeddingCache:
         hot = self.hot
         if hot is None:
             return await self._fetch(keys)
-        out = [hot.get(key) for key in keys]
+        out = hot.get_many(keys)
         cold = [i for i, entry in enumerate(out) if entry is None]
         if cold:
             fetched = await self._fetch([keys[i] for i in cold])

@@ -74,19 +74,21 @@ class EmbeddingService:
         if request.unit:
             return await self._embed_unit(team, request, prefix, deadline)
         keys = item_keys(prefix, request.items)
-        first: dict[bytes, int] = {}
-        for i, key in enumerate(keys):
-            first.setdefault(key, i)
-        unique = list(first)
+        unique = list(dict.fromkeys(keys)) if len(keys) > 1 else keys  # first occurrences, in order
         entries = await self.cache.get_many(unique, promote=priority == "interactive")
         found: dict[bytes, Entry] = {}
         misses: list[Miss] = []
-        for key, entry in zip(unique, entries, strict=True):
-            if entry is None:
-                item = request.items[first[key]]
-                misses.append(Miss(key, item, estimate(item), first[key]))
-            else:
-                found[key] = entry
+        if any(entry is None for entry in entries):
+            first = {key: i for i, key in reversed(list(enumerate(keys)))}  # each key's first index
+            for key, entry in zip(unique, entries, strict=True):
+                if entry is None:
+                    i = first[key]
+                    item = request.items[i]
+                    misses.append(Miss(key, item, estimate(item), i))
+                else:
+                    found[key] = entry
+        else:  # all hits, the common case: no per-key branching
+            found = dict(zip(unique, entries, strict=True))  # type: ignore[arg-type]  # no None here
         outcome = Outcome(vectors=[], tokens=0, hits=len(found), duplicates=len(keys) - len(unique))
         outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
         try:
