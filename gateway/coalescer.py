@@ -62,14 +62,37 @@ class Miss:
 
 
 @dataclass(slots=True, eq=False)
+class _Waiter:
+    """One `submit`: its own future, resolved when the last of its inputs lands or at its first failure.
+
+    Resolved right where a result is set, so the caller's task wakes one loop iteration later (waiting on the
+    shared flights with `asyncio.wait` took two: a done-callback, then the wake-up). Its future is its own, so
+    a caller that goes away cancels nothing that others wait for."""
+
+    owner: int
+    future: asyncio.Future[None]
+    left: int  # inputs still in flight
+
+    def landed(self, error: BaseException | None) -> None:
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+            return
+        self.left -= 1
+        if not self.left:
+            self.future.set_result(None)
+
+
+@dataclass(slots=True, eq=False)
 class _Pending:
     miss: Miss
     owner: int  # the caller that queued it
-    future: asyncio.Future[Entry]
+    future: asyncio.Future[Entry]  # holds the result for callers that join while the cache write runs
     rank: int
     tag: float  # fair-queuing start tag
     seq: int  # tie-break, and marks older heap entries of a promoted input as stale
-    waiters: list[int]  # callers still waiting for it, first come first
+    waiters: list[_Waiter]  # callers still waiting for it, first come first
     deadline: float  # the latest of its callers' deadlines: no retry after it
     payer: int = 0  # set when it lands: the first caller still waiting pays for it
     queued: bool = False  # in its group's queue (not yet in a batch)
@@ -201,20 +224,23 @@ class Coalescer:
 
         `team` and `weight` order queued work across teams; `priority="batch"` queues behind interactive work.
         """
+        if not misses:
+            return Joined(entries=[], joined=[])
         caller = _Caller(owner, team, weight if weight > 0 else 1.0, _RANK[priority], deadline)
-        pendings = self._register(group_key, params, misses, caller)
+        waiter = _Waiter(owner, asyncio.get_running_loop().create_future(), len(misses))
+        pendings = self._register(group_key, params, misses, caller, waiter)
         self._dispatch()
         try:
-            entries = await self._wait([p.future for p in pendings], deadline)
+            await _until(waiter.future, deadline)
         except BaseException as exc:
             # Gone (error, deadline, disconnect): a caller still waiting pays for what lands instead.
             for p in pendings:
-                if owner in p.waiters:
-                    p.waiters.remove(owner)
+                if waiter in p.waiters:
+                    p.waiters.remove(waiter)
             if isinstance(exc, _Blamed):
                 raise exc.told_to(misses) from None
             raise
-        return Joined(entries=entries, joined=[p.payer != owner for p in pendings])
+        return Joined(entries=[p.future.result() for p in pendings], joined=[p.payer != owner for p in pendings])
 
     async def submit_unit(
         self, key: bytes, params: dict[str, Any], items: list[Item], *, deadline: float
@@ -233,7 +259,7 @@ class Coalescer:
         return (await self._wait([future], deadline))[0], False
 
     def _register(
-        self, group_key: bytes, params: dict[str, Any], misses: Sequence[Miss], caller: _Caller
+        self, group_key: bytes, params: dict[str, Any], misses: Sequence[Miss], caller: _Caller, waiter: _Waiter
     ) -> list[_Pending]:
         flights = self._flights
         self._check_capacity(sum(1 for m in misses if m.key not in flights))
@@ -244,12 +270,11 @@ class Coalescer:
             pending = flights.get(miss.key)
             if pending is None:
                 future: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
-                future.add_done_callback(_consume)
-                pending = _Pending(miss, caller.owner, future, caller.rank, 0.0, 0, [caller.owner], caller.deadline)
+                pending = _Pending(miss, caller.owner, future, caller.rank, 0.0, 0, [waiter], caller.deadline)
                 flights[miss.key] = pending
                 self._enqueue(group, pending, caller)
             else:
-                self._join(group, pending, caller)
+                self._join(group, pending, caller, waiter)
             pendings.append(pending)
         if group.queued != queued:
             self._arrived(group)
@@ -284,10 +309,12 @@ class Coalescer:
             group.burst = True
         group.last_arrival = now
 
-    def _join(self, group: _Group, pending: _Pending, caller: _Caller) -> None:
-        pending.waiters.append(caller.owner)
+    def _join(self, group: _Group, pending: _Pending, caller: _Caller, waiter: _Waiter) -> None:
+        pending.waiters.append(waiter)
         pending.deadline = max(pending.deadline, caller.deadline)
         self.joins += 1
+        if pending.future.done():  # landed, its cache write still running: the result is here already
+            waiter.landed(None)
         if pending.queued and caller.rank < pending.rank:
             # An interactive caller waits for an input a batch job queued: it leaves as interactive work.
             self._enqueue(group, pending, caller)
@@ -472,9 +499,11 @@ class Coalescer:
             raise
         shares = split(result.tokens, [p.miss.estimate for p in batch])
         for p, vec, tokens in zip(batch, result.vectors, shares, strict=True):
-            p.payer = p.waiters[0] if p.waiters else p.owner
+            p.payer = p.waiters[0].owner if p.waiters else p.owner
             if not p.future.done():
                 p.future.set_result(Entry(vectors=vec, tokens=tokens))
+                for waiter in p.waiters:
+                    waiter.landed(None)
         # Callers already have their answers; the write happens once per key, then the flight ends (until
         # then a new caller joins the flight instead of missing the cache and sending the input again).
         # The upstream call is over, though: its slot is free before the write, so the next batch of an idle
@@ -483,7 +512,8 @@ class Coalescer:
             answered()
         try:
             # Let the callers answer their clients before this task spends time encoding the entries
-            # (tens of µs per vector: a big batch's encoding would otherwise come before every answer).
+            # (tens of µs per vector: a big batch's encoding would otherwise come before every answer). Their
+            # tasks were woken above, so they run in the next iteration, ahead of this one.
             await asyncio.sleep(0)
             writes = [(p.miss.key, encode(vec, tokens))
                       for p, vec, tokens in zip(batch, result.vectors, shares, strict=True)]
@@ -502,7 +532,7 @@ class Coalescer:
         if isinstance(bad, int):
             culprit = batch[bad].owner
             # The culprit's request fails anyway: its other inputs go again only if another caller waits too.
-            drop = [i == bad or p.waiters == [culprit] for i, p in enumerate(batch)]
+            drop = [i == bad or [w.owner for w in p.waiters] == [culprit] for i, p in enumerate(batch)]
             rest = [p for p, d in zip(batch, drop, strict=True) if not d]
             self._fail([p for p, d in zip(batch, drop, strict=True) if d], exc)
             if rest:
@@ -523,6 +553,9 @@ class Coalescer:
         for p in batch:
             if not p.future.done():
                 p.future.set_exception(exc)
+                p.future.exception()  # retrieved: its callers are told through their own futures
+                for waiter in p.waiters:
+                    waiter.landed(exc)
         self._land(batch)
 
     def _land(self, batch: list[_Pending]) -> None:
@@ -616,6 +649,23 @@ def _blamed_input(body: dict[str, Any], n: int) -> int | Literal["all"] | None:
         if index and int(index) < n:
             return int(index)
     return None if any(_INPUT_FIELD.match(name) for name in fields) else "all"
+
+
+async def _until(future: asyncio.Future[None], deadline: float) -> None:
+    """Waits for `future` until `deadline` (time.monotonic()), then fails it with UpstreamTimeout."""
+    if not future.done():
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), _expire, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+    future.result()
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(UpstreamTimeout("no upstream answer within the request deadline"))
 
 
 def _consume(future: asyncio.Future[Entry]) -> None:
