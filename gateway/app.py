@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from . import appkeys as K
@@ -98,33 +97,32 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         await preload_scripts(state_redis)
     quota = _quota(app, state_redis)
     app[K.QUOTA] = quota
-    connector = aiohttp.TCPConnector(limit=max(100, config.upstream.limits.max_concurrency * 2))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        upstream = UpstreamClient(session, config.upstream, base_url, metrics, pacer=_pacer(app, state_redis))
-        coalescer = Coalescer(
-            upstream, cache, config.coalesce, config.upstream, metrics,
-            call_budget_s=config.limits.request_timeout_s,
-        )
-        app[K.COALESCER] = coalescer
-        live.on_change(coalescer.reconfigure)
-        service = app[K.SERVICE] = EmbeddingService(cache, coalescer, scope=config.cache.scope, admission=quota)
-        app[K.BATCH_WORKER] = _batch_worker(app, state_redis, service, usage)
-        publisher = asyncio.create_task(metrics.publish_every(1.0), name="metrics-publish")
-        try:
-            yield
-        finally:
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher
-            metrics.publish()  # a worker's last requests reach its multiprocess file
-            await app[K.BATCH_WORKER].stop()  # idempotent: on_shutdown has usually done it already
-            await coalescer.close()
-            await usage.close()  # after in-flight requests were tallied, before the state client closes
-            await store.close()
-            if state_redis is not None:
-                await state_redis.aclose()
-            if sim_runner is not None:
-                await sim_runner.cleanup()
+    upstream = UpstreamClient(config.upstream, base_url, metrics, pacer=_pacer(app, state_redis))
+    coalescer = Coalescer(
+        upstream, cache, config.coalesce, config.upstream, metrics,
+        call_budget_s=config.limits.request_timeout_s,
+    )
+    app[K.COALESCER] = coalescer
+    live.on_change(coalescer.reconfigure)
+    service = app[K.SERVICE] = EmbeddingService(cache, coalescer, scope=config.cache.scope, admission=quota)
+    app[K.BATCH_WORKER] = _batch_worker(app, state_redis, service, usage)
+    publisher = asyncio.create_task(metrics.publish_every(1.0), name="metrics-publish")
+    try:
+        yield
+    finally:
+        publisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publisher
+        metrics.publish()  # a worker's last requests reach its multiprocess file
+        await app[K.BATCH_WORKER].stop()  # idempotent: on_shutdown has usually done it already
+        await coalescer.close()
+        await upstream.close()  # after the coalescer's calls have all finished
+        await usage.close()  # after in-flight requests were tallied, before the state client closes
+        await store.close()
+        if state_redis is not None:
+            await state_redis.aclose()
+        if sim_runner is not None:
+            await sim_runner.cleanup()
 
 
 def _metrics(config: cfg.Config) -> Metrics:

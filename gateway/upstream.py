@@ -1,5 +1,5 @@
-"""The upstream client: one `ClientSession`, retries with full-jitter backoff that honour `Retry-After`
-inside the caller's deadline, and decoding of the answer into float32 arrays.
+"""The upstream client: keep-alive connections (`http1.Client`), retries with full-jitter backoff that honour
+`Retry-After` inside the caller's deadline, and decoding of the answer into float32 arrays.
 
 The gateway always asks for base64 (little-endian float32): lossless, and ~4x smaller than float JSON.
 """
@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import numpy as np
 import orjson
 
 from . import config as cfg
+from . import http1
 from .errors import UpstreamFailed, UpstreamRateLimited, UpstreamRejected, UpstreamTimeout
 from .metrics import Metrics
 from .pacing import Pacer
@@ -51,35 +51,38 @@ class _Retryable(Exception):
 class UpstreamClient:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         config: cfg.Upstream,
         base_url: str,
         metrics: Metrics,
         *,
         pacer: Pacer | None = None,
     ) -> None:
-        self.session = session
         self.pacer = pacer
         self.config = config
         self.url = base_url.rstrip("/") + "/embeddings"
         self.metrics = metrics
-        self._headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json"}
         if config.api_key:
-            self._headers["Authorization"] = f"Bearer {config.api_key}"
+            headers["Authorization"] = f"Bearer {config.api_key}"
+        self._http = http1.Client(self.url, headers, max_idle=2 * config.limits.max_concurrency)
         self._format_field = "embedding_type" if config.api == "jina" else "encoding_format"
         self._slots = asyncio.Semaphore(config.limits.max_concurrency)
+
+    async def close(self) -> None:
+        await self._http.close()
 
     async def embed(self, params: dict[str, Any], items: list[Item], deadline: float) -> UpstreamResult:
         """One logical call (retried as needed) for `items` with the request's canonical params."""
         body = orjson.dumps({**params, "input": items, self._format_field: "base64"})
         model = str(params.get("model", ""))
-        self.metrics.upstream_batch_inputs.labels(model).observe(len(items))
+        metrics = self.metrics
+        metrics.child(metrics.upstream_batch_inputs, model).observe(len(items))
         tokens = sum(estimate(item) for item in items) if self.pacer is not None else 0
         attempt = 0
         while True:
             try:
                 result = await self._attempt(body, model, len(items), tokens, deadline)
-                self.metrics.upstream_tokens.labels(model).inc(result.tokens)
+                metrics.child(metrics.upstream_tokens, model).inc(result.tokens)
                 return result
             except _Retryable as exc:
                 attempt += 1
@@ -89,7 +92,7 @@ class UpstreamClient:
                     await self.pacer.hold(exc.retry_after or delay)
                 if attempt > self.config.max_retries or time.monotonic() + delay >= deadline:
                     raise self._give_up(exc) from None
-                self.metrics.upstream_retries.labels(exc.reason).inc()
+                metrics.child(metrics.upstream_retries, exc.reason).inc()
                 log.info("upstream %s, retry %d in %.2fs", exc.reason, attempt, delay)
                 await asyncio.sleep(delay)
 
@@ -117,37 +120,37 @@ class UpstreamClient:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Retryable("timeout")
-        timeout = aiohttp.ClientTimeout(total=min(self.config.timeout_s, remaining))
         started = time.perf_counter()
         status = "error"
         try:
-            async with self.session.post(self.url, data=body, headers=self._headers, timeout=timeout) as resp:
-                status = str(resp.status)
-                raw = await resp.read()
-                return self._answer(resp.status, resp.headers, raw, n)
+            answer = await self._http.post(body, min(self.config.timeout_s, remaining))
+            status = str(answer.status)
+            return self._answer(answer.status, answer.headers, answer.body, n)
         except TimeoutError:
             status = "timeout"
             raise _Retryable("timeout") from None
-        except aiohttp.ClientError as exc:
+        except http1.HTTPError as exc:
             raise _Retryable(f"connection error ({type(exc).__name__})") from None
         finally:
-            self.metrics.upstream_calls.labels(model, status).inc()
-            self.metrics.upstream_seconds.labels(model).observe(time.perf_counter() - started)
+            metrics = self.metrics
+            metrics.child(metrics.upstream_calls, model, status).inc()
+            metrics.child(metrics.upstream_seconds, model).observe(time.perf_counter() - started)
 
-    def _answer(self, status: int, headers: Any, raw: bytes, n: int) -> UpstreamResult:
+    def _answer(self, status: int, headers: dict[str, str], raw: bytes, n: int) -> UpstreamResult:
+        """`headers` with lower-case names."""
         if status == 200:
             try:
                 return decode_answer(raw, n)
             except BadAnswer as exc:
                 raise _Retryable(f"bad answer ({exc})") from None
         if status == 429:
-            raise _Retryable("429", parse_retry_after(headers.get("Retry-After")), status=429)
+            raise _Retryable("429", parse_retry_after(headers.get("retry-after")), status=429)
         if status in (401, 403):
             # The gateway's own upstream key was refused: the client's request is fine, the gateway is not.
             log.error("the upstream refused the gateway's API key (HTTP %d)", status)
             raise UpstreamFailed("the upstream refused the gateway's credentials", code="UPSTREAM_AUTH")
         if status >= 500 or status == 408:
-            raise _Retryable(str(status), parse_retry_after(headers.get("Retry-After")), status=status)
+            raise _Retryable(str(status), parse_retry_after(headers.get("retry-after")), status=status)
         raise UpstreamRejected(status, _error_body(raw, status))
 
 
