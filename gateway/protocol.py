@@ -77,6 +77,8 @@ def _parse_input(value: Any, max_inputs: int) -> list[Item]:
         raise ValidationFailed("input", "must not be empty")
     if len(items) > max_inputs:
         raise ValidationFailed("input", f"{len(items)} inputs, at most {max_inputs} allowed per request")
+    if all(type(item) is str for item in items) and "" not in items:  # the common shape, checked in bulk
+        return items
     for i, item in enumerate(items):
         if isinstance(item, str):
             if not item:

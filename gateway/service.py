@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import xxhash
@@ -96,11 +96,14 @@ class EmbeddingService:
                 await self._fetch(team, request, prefix, misses, found, outcome, deadline, priority)
         finally:
             await self._reconcile(outcome.reservation, outcome.upstream_tokens)
-        outcome.vectors = [_vector(found[k]) for k in keys]
+        served = [found[k] for k in keys]
+        # Item requests hold 1-D vectors only (units return above), hence the cast instead of a check per item.
+        outcome.vectors = cast(list[np.ndarray], [e.vectors for e in served])
         outcome.keys = keys
-        outcome.item_tokens = [found[k].tokens for k in keys]
+        outcome.item_tokens = [e.tokens for e in served]
         outcome.tokens = sum(outcome.item_tokens)
-        outcome.cached_tokens = sum(found[k].tokens for k in unique) - outcome.upstream_tokens
+        unique_tokens = outcome.tokens if len(unique) == len(keys) else sum(found[k].tokens for k in unique)
+        outcome.cached_tokens = unique_tokens - outcome.upstream_tokens
         return outcome
 
     async def _fetch(
@@ -169,9 +172,3 @@ class EmbeddingService:
             cached_tokens=entry.tokens - actual,
             reservation=reservation,
         )
-
-
-def _vector(entry: Entry) -> np.ndarray:
-    assert isinstance(entry.vectors, np.ndarray)
-    return entry.vectors
-
