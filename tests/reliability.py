@@ -152,9 +152,11 @@ class Resources:
     handlers: int
     files: int
     sockets: Counter[str]
+    names: tuple[str, ...] = ()  # the tasks' coroutines, so a failed check says which task came or went
 
     def __str__(self) -> str:
-        return f"tasks={self.tasks} handlers={self.handlers} files={self.files} sockets={dict(self.sockets)}"
+        return (f"tasks={self.tasks} handlers={self.handlers} files={self.files} sockets={dict(self.sockets)} "
+                f"task names={list(self.names)}")
 
 
 def _tcp_by_inode() -> dict[str, tuple[int, int]]:
@@ -195,4 +197,5 @@ def resources(ports: dict[int, str]) -> Resources:
             sockets["other"] += 1
     tasks = [t.get_coro() for t in asyncio.all_tasks()]
     handlers = sum(1 for c in tasks if getattr(c, "__qualname__", "") == "RequestHandler.start")
-    return Resources(tasks=len(tasks) - handlers, handlers=handlers, files=files, sockets=sockets)
+    names = tuple(sorted(getattr(c, "__qualname__", repr(c)) for c in tasks))
+    return Resources(tasks=len(tasks) - handlers, handlers=handlers, files=files, sockets=sockets, names=names)

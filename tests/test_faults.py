@@ -98,7 +98,9 @@ def assert_no_leak(before: Resources, after: Resources) -> None:
     # holds one handler task for each
     assert after.sockets["upstream"] <= 2 * MAX_CONCURRENCY, after
     assert after.handlers <= after.sockets["upstream"] // 2, after
-    assert after.tasks == before.tasks, f"tasks leaked: {before} → {after}"
+    # A leak is growth. "before" may catch a short-lived task finishing (a usage flush, a write-behind), so
+    # fewer tasks after is not a failure.
+    assert after.tasks <= before.tasks, f"tasks leaked: {before} → {after}"
 
 
 @pytest.fixture
