@@ -22,7 +22,7 @@ from .coalescer import Coalescer
 from .jobs import JobStore, open_job_store
 from .live import LiveConfig
 from .metrics import Metrics, replace
-from .middleware import gateway_middleware
+from .middleware import Routes
 from .pacing import MemoryPacingBackend, Pacer, PacingBackend, RedisPacingBackend, budget_id
 from .quota import MemoryQuotaBackend, QuotaBackend, QuotaGate, RedisQuotaBackend
 from .service import EmbeddingService
@@ -43,7 +43,6 @@ def create_app(
     `config_path` is the file `app[K.LIVE].reload()` re-reads (on SIGHUP).
     """
     app = web.Application(
-        middlewares=[gateway_middleware()],
         # aiohttp refuses a larger body while reading it; our handler turns that into the JSON 413.
         client_max_size=config.limits.max_body_bytes,
     )
@@ -53,14 +52,16 @@ def create_app(
     if simulator is not None:
         app[K.SIMULATOR] = simulator
     app.cleanup_ctx.append(_parts)
-    app.router.add_post("/v1/embeddings", handlers.embeddings)
-    app.router.add_post("/embeddings", handlers.embeddings)
-    app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", handlers.metrics)
-    app.router.add_get("/v1/usage", handlers.usage)
-    app.router.add_get("/openapi.json", handlers.openapi)
-    batch_api.add_routes(app.router)
+    routes = Routes(app.router)
+    routes.add_post("/v1/embeddings", handlers.embeddings)
+    routes.add_post("/embeddings", handlers.embeddings)
+    routes.add_get("/healthz", handlers.healthz)
+    routes.add_get("/readyz", handlers.readyz)
+    routes.add_get("/metrics", handlers.metrics)
+    routes.add_get("/v1/usage", handlers.usage)
+    routes.add_get("/openapi.json", handlers.openapi)
+    batch_api.add_routes(routes)
+    routes.add_unmatched()  # last: it matches every path
     app.on_shutdown.append(_stop_batch)  # a drain gives batch leases back before requests are cut
     return app
 

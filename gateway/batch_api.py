@@ -21,6 +21,7 @@ from .errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLar
 from .files import ENDPOINTS, Line, LineError, Rules, check_unique, count_lines, encode_chunk, parse_file, parse_inline
 from .handlers import principal_of, read_body
 from .jobs import FileMeta, Job, Stream
+from .middleware import Routes
 from .protocol import parse_json_object
 
 _WINDOW = re.compile(r"[1-9][0-9]{0,2}h")
@@ -28,7 +29,7 @@ _MAX_WINDOW_H = 720  # 30 days: a job still not done by then is stuck, not slow
 _READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
+def add_routes(router: Routes) -> None:
     router.add_post("/v1/files", upload_file)
     router.add_get("/v1/files/{file_id}", get_file)
     router.add_get("/v1/files/{file_id}/content", file_content)
