@@ -266,19 +266,26 @@ class EmbeddingCache:
     async def get_many(self, keys: Sequence[bytes], *, promote: bool = True) -> list[Entry | None]:
         """`promote=False` (batch jobs) reads the hot tier but leaves it as it is: a 50,000-line re-index must
         not push interactive traffic's hot entries out."""
-        hot = self.hot
-        if hot is None:
-            return await self._fetch(keys)
-        out = hot.get_many(keys)
-        cold = [i for i, entry in enumerate(out) if entry is None]
-        if cold:
-            fetched = await self._fetch([keys[i] for i in cold])
-            for i, entry in zip(cold, fetched, strict=True):
-                if entry is not None:
-                    out[i] = entry
-                    if promote:
-                        hot.put(keys[i], entry)
-        return out
+        return await self.get_cold(keys, self.get_hot(keys), promote=promote)
+
+    def get_hot(self, keys: Sequence[bytes]) -> list[Entry | None]:
+        """What the hot tier holds of `keys` (None for the rest), without an await."""
+        return [None] * len(keys) if self.hot is None else self.hot.get_many(keys)
+
+    async def get_cold(
+        self, keys: Sequence[bytes], hot: list[Entry | None], *, promote: bool = True
+    ) -> list[Entry | None]:
+        """Fills the Nones of `get_hot`'s answer from the store (in place; returned)."""
+        cold = [i for i, entry in enumerate(hot) if entry is None]
+        if not cold:
+            return hot
+        fetched = await self._fetch([keys[i] for i in cold])
+        for i, entry in zip(cold, fetched, strict=True):
+            if entry is not None:
+                hot[i] = entry
+                if promote and self.hot is not None:
+                    self.hot.put(keys[i], entry)
+        return hot
 
     async def _fetch(self, keys: Sequence[bytes]) -> list[Entry | None]:
         if not keys or not self._available():

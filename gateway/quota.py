@@ -248,6 +248,9 @@ class QuotaGate:
         self._retry_store_at = 0.0
         self._store_down = False
 
+    def applies(self, team: cfg.Team) -> bool:
+        return bool(Limits.of(team.quota))
+
     async def reserve(self, team: cfg.Team, *, estimate_tokens: int, cached_tokens: int) -> Reservation | None:
         limits = Limits.of(team.quota)
         if not limits:

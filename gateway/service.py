@@ -43,6 +43,11 @@ class Admission(Protocol):
     be weighted); `reserve` returns None when there is nothing to reconcile.
     """
 
+    def applies(self, team: cfg.Team) -> bool:
+        """False when the team has no policy at all: then there is nothing to reserve (checked without an
+        await, on every request)."""
+        ...
+
     async def reserve(self, team: cfg.Team, *, estimate_tokens: int, cached_tokens: int) -> object: ...
 
     async def reconcile(self, reservation: object, *, actual_tokens: int) -> None: ...
@@ -75,7 +80,10 @@ class EmbeddingService:
             return await self._embed_unit(team, request, prefix, deadline)
         keys = item_keys(prefix, request.items)
         unique = list(dict.fromkeys(keys)) if len(keys) > 1 else keys  # first occurrences, in order
-        entries = await self.cache.get_many(unique, promote=priority == "interactive")
+        # The hot tier answers most requests whole: only a cold key costs an await (and a store round trip).
+        entries = self.cache.get_hot(unique)
+        if any(entry is None for entry in entries):
+            entries = await self.cache.get_cold(unique, entries, promote=priority == "interactive")
         found: dict[bytes, Entry] = {}
         misses: list[Miss] = []
         if any(entry is None for entry in entries):
@@ -90,12 +98,15 @@ class EmbeddingService:
         else:  # all hits, the common case: no per-key branching
             found = dict(zip(unique, entries, strict=True))  # type: ignore[arg-type]  # no None here
         outcome = Outcome(vectors=[], tokens=0, hits=len(found), duplicates=len(keys) - len(unique))
-        outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
-        try:
-            if misses:
+        if self.admission is not None and self.admission.applies(team):
+            outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
+        if misses:
+            try:
                 await self._fetch(team, request, prefix, misses, found, outcome, deadline, priority)
-        finally:
-            await self._reconcile(outcome.reservation, outcome.upstream_tokens)
+            finally:
+                await self._reconcile(outcome.reservation, outcome.upstream_tokens)
+        elif outcome.reservation is not None:
+            await self._reconcile(outcome.reservation, 0)
         served = [found[k] for k in keys]
         # Item requests hold 1-D vectors only (units return above), hence the cast instead of a check per item.
         outcome.vectors = cast(list[np.ndarray], [e.vectors for e in served])
@@ -136,7 +147,7 @@ class EmbeddingService:
             await self.admission.reconcile(reservation, actual_tokens=actual_tokens)
 
     async def _reserve(self, team: cfg.Team, estimate_tokens: int, found: dict[bytes, Entry]) -> object:
-        if self.admission is None:
+        if self.admission is None or not self.admission.applies(team):
             return None
         cached = sum(e.tokens for e in found.values())
         return await self.admission.reserve(team, estimate_tokens=estimate_tokens, cached_tokens=cached)

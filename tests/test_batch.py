@@ -430,6 +430,9 @@ class Admission:
     def __init__(self, refusals: list[QuotaExceeded]) -> None:
         self.refusals = list(refusals)
 
+    def applies(self, team: Any) -> bool:
+        return True
+
     async def reserve(self, team: Any, *, estimate_tokens: int, cached_tokens: int) -> object:
         if self.refusals:
             raise self.refusals.pop(0)
