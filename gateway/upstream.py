@@ -7,7 +7,6 @@ The gateway always asks for base64 (little-endian float32): lossless, and ~4x sm
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import email.utils
 import logging
@@ -202,10 +201,11 @@ def decode_answer(raw: bytes, n: int) -> UpstreamResult:
 
 def _decode_embedding(value: Any) -> np.ndarray:
     try:
+        # strict_mode: only the base64 alphabet, correct padding (what b64decode's validate=True checks with a regex)
         if isinstance(value, str):
-            vec = np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4")
+            vec = np.frombuffer(binascii.a2b_base64(value, strict_mode=True), dtype="<f4")
         elif isinstance(value, list) and value and isinstance(value[0], str):
-            vec = np.stack([np.frombuffer(base64.b64decode(v, validate=True), dtype="<f4") for v in value])
+            vec = np.stack([np.frombuffer(binascii.a2b_base64(v, strict_mode=True), dtype="<f4") for v in value])
         else:
             # An OpenAI-compatible upstream that ignored the format and sent numbers.
             vec = np.asarray(value, dtype=np.float32)
