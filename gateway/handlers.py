@@ -36,8 +36,9 @@ async def read_body(request: web.Request) -> bytes:
     """
     limits = request.app[K.LIVE].config.limits
     limit = limits.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes exceeds the {limit}-byte limit")
     content = request.content
     if content.is_eof():
         # The whole body came with the headers: take the buffer as it is (no timer, and none of read()'s

@@ -107,7 +107,9 @@ class EmbeddingService:
                 await self._reconcile(outcome.reservation, outcome.upstream_tokens)
         elif outcome.reservation is not None:
             await self._reconcile(outcome.reservation, 0)
-        served = [found[k] for k in keys]
+        # Without repeated inputs, `entries` is already in request order (the usual case: no lookups).
+        in_order = not misses and len(unique) == len(keys)
+        served = cast(list[Entry], entries) if in_order else [found[k] for k in keys]
         # Item requests hold 1-D vectors only (units return above), hence the cast instead of a check per item.
         outcome.vectors = cast(list[np.ndarray], [e.vectors for e in served])
         outcome.keys = keys
