@@ -235,6 +235,17 @@ def test_hot_cache_is_an_lru_bounded_by_bytes_renderings_included() -> None:
     assert len(tiny) == 0 and tiny.bytes == 0
 
 
+def test_hot_lookups_of_several_keys_are_uses_of_each() -> None:
+    entries = {k: Entry(vectors=unit_vector(256, i), tokens=i) for i, k in enumerate([b"a", b"b", b"c", b"d"])}
+    hot = HotCache(3 * (256 * 4 + 400))
+    for key in (b"a", b"b", b"c"):
+        hot.put(key, entries[key])
+    assert hot.get_many([b"b", b"x", b"a"]) == [entries[b"b"], None, entries[b"a"]]  # recency now: c, b, a
+    assert hot.get_many([b"c"]) == [entries[b"c"]]  # the one-key path: b, a, c
+    hot.put(b"d", entries[b"d"])  # b goes
+    assert hot.get_many([b"a", b"b", b"c", b"d"]) == [entries[b"a"], None, entries[b"c"], entries[b"d"]]
+
+
 async def test_hot_entries_render_byte_identically_and_survive_a_flushed_redis(
     gateway: Gateway, redis_url: str
 ) -> None:

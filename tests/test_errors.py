@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -124,10 +125,35 @@ async def test_oversized_chunked_body_is_413(gateway: Gateway) -> None:
     assert_error_shape(await resp.read(), "PAYLOAD_TOO_LARGE")
 
 
+async def test_a_whole_oversized_chunked_body_is_413(gateway: Gateway) -> None:
+    """A chunked body (no Content-Length) that arrived whole with the headers is taken from the buffer as it is:
+    its size is checked there."""
+    client = await gateway(limits={"max_body_bytes": 1000})
+    body = b'{"model": "m", "input": ["' + b"x" * 2000 + b'"]}'
+    host, port = client.server.host, client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TEAM_A_KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    )
+    answer = await reader.read()
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert_error_shape(payload, "PAYLOAD_TOO_LARGE")
+
+
 async def test_wrong_method_is_405_json(gateway: Gateway) -> None:
     client = await gateway()
     resp = await client.get("/v1/embeddings", headers=auth())
     assert resp.status == 405
+    assert resp.headers["Allow"] == "POST"
+    assert_error_shape(await resp.read(), "METHOD_NOT_ALLOWED")
+    # A route with a path parameter: its methods, from the catch-all route.
+    resp = await client.put("/v1/files/file-1", headers=auth())
+    assert resp.status == 405
+    assert set(resp.headers["Allow"].split(",")) == {"DELETE", "GET", "HEAD"}
     assert_error_shape(await resp.read(), "METHOD_NOT_ALLOWED")
 
 
