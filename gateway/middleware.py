@@ -147,4 +147,10 @@ class Routes:
                 raise web.HTTPMethodNotAllowed(request.method, allowed)
             raise web.HTTPNotFound()
 
-        resource.add_route("*", endpoint(unmatched, route="unmatched"))
+        keyed, open_ = endpoint(unmatched, route="unmatched"), endpoint(unmatched, route="unmatched", public=True)
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            # A probe path asked with another method gets its 405 without a key, as the probe itself would.
+            return await (open_ if request.path in PUBLIC_PATHS else keyed)(request)
+
+        resource.add_route("*", answer)

@@ -150,6 +150,8 @@ async def test_wrong_method_is_405_json(gateway: Gateway) -> None:
     assert resp.status == 405
     assert resp.headers["Allow"] == "POST"
     assert_error_shape(await resp.read(), "METHOD_NOT_ALLOWED")
+    resp = await client.post("/healthz")  # a probe path needs no key, whatever the method
+    assert resp.status == 405 and set(resp.headers["Allow"].split(",")) == {"GET", "HEAD"}
     # A route with a path parameter: its methods, from the catch-all route.
     resp = await client.put("/v1/files/file-1", headers=auth())
     assert resp.status == 405
