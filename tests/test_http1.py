@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import shutil
 import ssl
-import subprocess
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,6 +15,8 @@ import pytest
 from aiohttp import web
 
 from gateway import http1
+
+from .certs import make_certificate
 
 Reply = Callable[[bytes, int], Awaitable[bytes | None]]  # (request, its number) -> bytes to send; None: hang up
 
@@ -255,19 +255,7 @@ async def test_a_cancelled_call_leaves_no_connection_behind(wire: MakeWire, clie
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path, Path]:
     """(CA, certificate for 127.0.0.1 signed by it, key): a CA of the test's own."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make test certificates")
-    ca, cert, key = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
-    run = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-    subprocess.run([*run, "-keyout", tmp_path / "ca.key", "-out", ca, "-subj", "/CN=eg-test-ca"],
-                   check=True, capture_output=True)
-    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", tmp_path / "c.csr",
-                    "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
-    ext = tmp_path / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", tmp_path / "c.csr", "-CA", ca, "-CAkey", tmp_path / "ca.key",
-                    "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", ext], check=True, capture_output=True)
-    return ca, cert, key
+    return make_certificate(tmp_path)
 
 
 async def test_https_verifies_the_server_against_the_trusted_cas(

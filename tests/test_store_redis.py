@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from gateway.auth import hash_key
 from gateway.store import open_cache_store
 from gateway.store.redis import connect, parse_url
 
+from .certs import make_certificate
 from .conftest import TEAM_A_KEY, Gateway, auth, base_config
 from .redis_server import RedisServer, free_port, redis_binary
 
@@ -79,18 +79,7 @@ async def test_the_plain_url_cache_pipelines_every_caller_on_one_connection(redi
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, int, Path]]:
     """A redis-server with a TLS port and a certificate for 127.0.0.1 signed by a CA of the test's own."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make test certificates")
-    ca, cert, key = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
-    run = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-    subprocess.run([*run, "-keyout", tmp_path / "ca.key", "-out", ca, "-subj", "/CN=eg-test-ca"],
-                   check=True, capture_output=True)
-    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", tmp_path / "c.csr",
-                    "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
-    ext = tmp_path / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", tmp_path / "c.csr", "-CA", ca, "-CAkey", tmp_path / "ca.key",
-                    "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", ext], check=True, capture_output=True)
+    ca, cert, key = make_certificate(tmp_path)
     tls_port = free_port()
     server = RedisServer(None, "--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file",
                          str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no").start()
