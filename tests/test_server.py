@@ -110,6 +110,15 @@ async def metric(session: aiohttp.ClientSession, url: str, name: str, **labels: 
     return total
 
 
+async def metric_reaches(session: aiohttp.ClientSession, url: str, name: str, value: float, **labels: str) -> None:
+    """Polls /metrics (the gateway is another process) until `name` is at least `value`, for up to ~10 s; the
+    caller asserts what it expects afterwards."""
+    for _ in range(1000):
+        if await metric(session, url, name, **labels) >= value:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_sigterm_finishes_100_in_flight_requests_and_their_cache_writes(
     serve: Callable[..., Awaitable[Proc]], redis_url: str
 ) -> None:
@@ -124,10 +133,7 @@ async def test_sigterm_finishes_100_in_flight_requests_and_their_cache_writes(
                 return resp.status
 
         tasks = [asyncio.create_task(one(i)) for i in range(100)]
-        for _ in range(1000):  # until the gateway holds all 100 (polled: it is another process)
-            if await metric(session, gw.url, "eg_requests_in_flight") == 100:
-                break
-            await asyncio.sleep(0.01)
+        await metric_reaches(session, gw.url, "eg_requests_in_flight", 100)  # until the gateway holds all 100
         assert await metric(session, gw.url, "eg_requests_in_flight") == 100
         gw.signal(signal.SIGTERM)
         await gw.line_with("draining: 100 requests in flight")
@@ -159,10 +165,7 @@ async def test_sigterm_releases_batch_leases_first_while_requests_still_finish(
             await asyncio.sleep(0.01)
         body = {"model": "jina-embeddings-v3", "input": ["interactive"]}
         interactive = asyncio.create_task(session.post(f"{gw.url}/v1/embeddings", json=body, headers=auth()))
-        for _ in range(1000):
-            if await metric(session, gw.url, "eg_requests_in_flight") == 1:
-                break
-            await asyncio.sleep(0.01)
+        await metric_reaches(session, gw.url, "eg_requests_in_flight", 1)
         gw.signal(signal.SIGTERM)
         await gw.line_with("leases released")
         assert not interactive.done()  # the lease went back while a request was still being answered
@@ -181,10 +184,7 @@ async def test_a_request_longer_than_the_shutdown_timeout_is_cut_and_the_exit_co
     async with aiohttp.ClientSession() as session:
         body = {"model": "jina-embeddings-v3", "input": ["too slow"]}
         request = asyncio.create_task(session.post(f"{gw.url}/v1/embeddings", json=body, headers=auth()))
-        for _ in range(1000):
-            if await metric(session, gw.url, "eg_requests_in_flight") == 1:
-                break
-            await asyncio.sleep(0.01)
+        await metric_reaches(session, gw.url, "eg_requests_in_flight", 1)
         gw.signal(signal.SIGTERM)
         assert "drain: 1 requests still running after 0s; cancelling them" in await gw.line_with("still running")
         with pytest.raises(aiohttp.ServerDisconnectedError):
@@ -235,14 +235,6 @@ async def test_sighup_rotates_keys_without_a_failed_request_and_refuses_a_bad_fi
     assert await gw.exit_code(within=25) == 0
 
 
-async def requests_reach(session: aiohttp.ClientSession, url: str, n: int) -> None:
-    """Each worker publishes its per-request series once a second: the one not scraped may lag by that."""
-    for _ in range(50):
-        if await metric(session, url, "eg_requests_total", route="/v1/embeddings", status="200") >= n:
-            return
-        await asyncio.sleep(0.1)
-
-
 async def test_two_workers_share_the_port_and_metrics_add_up(
     serve: Callable[..., Awaitable[Proc]], tmp_path: Path
 ) -> None:
@@ -266,7 +258,8 @@ async def test_two_workers_share_the_port_and_metrics_add_up(
 
         for start in range(0, 40, 8):
             await asyncio.gather(*(one(i) for i in range(start, start + 8)))
-        await requests_reach(session, gw.url, 40)
+        # Each worker publishes its per-request series once a second: the one not scraped may lag by that.
+        await metric_reaches(session, gw.url, "eg_requests_total", 40, route="/v1/embeddings", status="200")
         assert await metric(session, gw.url, "eg_requests_total", route="/v1/embeddings", status="200") == 40
         assert await metric(session, gw.url, "eg_inputs_total", outcome="miss") == 120
         assert await metric(session, gw.url, "eg_workers") == 2
@@ -284,14 +277,11 @@ async def test_two_workers_share_the_port_and_metrics_add_up(
 
         # A worker killed with -9 is replaced; the dead one's published counters stay in the totals, its gauges
         # go. (What it had not yet published, at most its last second, dies with it, as usage counters do.)
-        await requests_reach(session, gw.url, 50)
+        await metric_reaches(session, gw.url, "eg_requests_total", 50, route="/v1/embeddings", status="200")
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         await gw.line_with(f"(pid {victim}) exited with -9")
-        for _ in range(1000):
-            if await metric(session, gw.url, "eg_workers") == 2:
-                break
-            await asyncio.sleep(0.01)
+        await metric_reaches(session, gw.url, "eg_workers", 2)
         assert await metric(session, gw.url, "eg_workers") == 2
         assert await metric(session, gw.url, "eg_requests_total", route="/v1/embeddings", status="200") == 50
     gw.signal(signal.SIGTERM)
