@@ -118,6 +118,10 @@ def endpoint(handler: Handler, *, route: str, public: bool = False) -> Handler:
     return impl
 
 
+def _wrapped(path: str, handler: Handler) -> Handler:
+    return endpoint(handler, route=path, public=path in PUBLIC_PATHS)
+
+
 class Routes:
     """Adds routes to a router with every handler wrapped by `endpoint`, and, last, the catch-all that answers
     what no route matches (404, or 405 with `Allow`) in the same JSON shape, through the same wrapper."""
@@ -126,13 +130,13 @@ class Routes:
         self.router = router
 
     def add_get(self, path: str, handler: Handler) -> None:
-        self.router.add_get(path, endpoint(handler, route=path, public=path in PUBLIC_PATHS))
+        self.router.add_get(path, _wrapped(path, handler))
 
     def add_post(self, path: str, handler: Handler) -> None:
-        self.router.add_post(path, endpoint(handler, route=path, public=path in PUBLIC_PATHS))
+        self.router.add_post(path, _wrapped(path, handler))
 
     def add_delete(self, path: str, handler: Handler) -> None:
-        self.router.add_delete(path, endpoint(handler, route=path, public=path in PUBLIC_PATHS))
+        self.router.add_delete(path, _wrapped(path, handler))
 
     def add_unmatched(self) -> None:
         resource = self.router.add_resource("/{unmatched:.*}")

@@ -149,7 +149,7 @@ class EmbeddingService:
             await self.admission.reconcile(reservation, actual_tokens=actual_tokens)
 
     async def _reserve(self, team: cfg.Team, estimate_tokens: int, found: dict[bytes, Entry]) -> object:
-        if self.admission is None or not self.admission.applies(team):
+        if self.admission is None:
             return None
         cached = sum(e.tokens for e in found.values())
         return await self.admission.reserve(team, estimate_tokens=estimate_tokens, cached_tokens=cached)
