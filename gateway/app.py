@@ -21,6 +21,7 @@ from .cache import EmbeddingCache
 from .coalescer import Coalescer
 from .jobs import JobStore, open_job_store
 from .live import LiveConfig
+from .memo import ResponseMemo
 from .metrics import Metrics, replace
 from .middleware import Routes
 from .pacing import MemoryPacingBackend, Pacer, PacingBackend, RedisPacingBackend, budget_id
@@ -90,6 +91,8 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         hot_max_bytes=0 if config.cache.url.startswith("memory://") else config.cache.hot_max_bytes,
     )
     app[K.CACHE] = cache
+    memo = app[K.REPEATS] = ResponseMemo(config.cache.hot_requests_max_bytes if cache.hot is not None else 0)
+    live.on_change(lambda _: memo.clear())
     state_redis = _state_client(config.state)
     app[K.STATE_REDIS] = state_redis
     usage = _usage_recorder(config, state_redis, metrics)

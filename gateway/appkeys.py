@@ -12,6 +12,7 @@ from .cache import EmbeddingCache
 from .coalescer import Coalescer
 from .jobs import JobStore
 from .live import LiveConfig
+from .memo import ResponseMemo
 from .metrics import Metrics
 from .quota import Clock, QuotaGate
 from .service import EmbeddingService
@@ -25,6 +26,8 @@ LIVE = web.AppKey("live", LiveConfig)
 METRICS = web.AppKey("metrics", Metrics)
 CACHE_STORE = web.AppKey("cache_store", CacheStore)
 CACHE = web.AppKey("cache", EmbeddingCache)
+# Exact repeats of all-hit requests, by body → their keys (emptied by a config reload).
+REPEATS = web.AppKey("repeats", ResponseMemo)
 COALESCER = web.AppKey("coalescer", Coalescer)
 SERVICE = web.AppKey("service", EmbeddingService)
 USAGE = web.AppKey("usage", UsageRecorder)

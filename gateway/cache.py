@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from .protocol import EmbeddingRequest, Item, canonical_item, render_fragment
+from .protocol import EmbeddingRequest, Item, canonical_item, render_body, render_fragment
 from .store import CacheStore
 
 log = logging.getLogger("gateway.cache")
@@ -201,23 +201,43 @@ class HotCache:
         self.bytes += cost
         self._shrink()
 
-    def rendered(self, key: bytes, output: str) -> bytes | None:
+    def solo(self, key: bytes, output: str) -> bytes | None:
+        """The memoised whole answer to a request of this one input in `output` (a use of the key)."""
         hot = self._data.get(key)
-        return None if hot is None else hot.rendered.get(output)
+        if hot is None:
+            return None
+        rendered = hot.rendered.get(output)
+        if rendered is None:
+            return None
+        self._data.move_to_end(key)
+        return rendered[0]
 
-    def renderings(self, keys: Sequence[bytes], output: str) -> list[bytes | None]:
-        get = self._data.get
-        return [None if (hot := get(key)) is None else hot.rendered.get(output) for key in keys]
+    def fragments(self, keys: Sequence[bytes], output: str) -> list[memoryview | None]:
+        """Each key's memoised `embedding` JSON (a view into its whole answer), or None; uses of the keys."""
+        data = self._data
+        move = data.move_to_end
+        out: list[memoryview | None] = []
+        for key in keys:  # inlined: this runs per input of every request
+            hot = data.get(key)
+            rendered = None if hot is None else hot.rendered.get(output)
+            if rendered is None:
+                out.append(None)
+            else:
+                move(key)
+                solo, start = rendered
+                out.append(memoryview(solo)[start:-3])
+        return out
 
-    def remember(self, key: bytes, output: str, fragment: bytes) -> None:
-        """Keeps a rendering of a resident entry (an entry no longer resident is not brought back)."""
+    def remember(self, key: bytes, output: str, solo: bytes, start: int) -> None:
+        """Keeps the whole answer to `key` alone in `output`; its fragment is `solo[start:-3]` (before `}]}`).
+        An entry no longer resident is not brought back."""
         hot = self._data.get(key)
         if hot is None or output in hot.rendered:
             return
         self._data.move_to_end(key)
-        hot.rendered[output] = fragment
-        hot.cost += len(fragment)
-        self.bytes += len(fragment)
+        hot.rendered[output] = (solo, start)
+        hot.cost += len(solo)
+        self.bytes += len(solo)
         self._shrink()
 
     def _shrink(self) -> None:
@@ -229,7 +249,9 @@ class HotCache:
 @dataclass(slots=True)
 class _Hot:
     entry: Entry
-    rendered: dict[str, bytes]
+    # output → the whole answer to a request of this input alone, and where its `embedding` JSON starts: a
+    # repeated single-input request is answered with it as it is, and a many-input answer splices the slice.
+    rendered: dict[str, tuple[bytes, int]]
     cost: int
 
 
@@ -323,15 +345,39 @@ class EmbeddingCache:
         except Exception as exc:
             self._failed("set", exc)
 
-    def render(self, keys: Sequence[bytes], vectors: Sequence[np.ndarray], output: str) -> list[bytes]:
-        """Each vector's rendered `embedding` JSON (keys[i] is vectors[i]'s key, or no keys at all); a hot
-        entry is rendered once per output format and reused."""
+    def answer(
+        self, model: str, tokens: int, keys: Sequence[bytes], vectors: Sequence[np.ndarray],
+        item_tokens: Sequence[int], output: str,
+    ) -> bytes:
+        """The response body for `vectors` (keys[i] and item_tokens[i] are vectors[i]'s; a unit has no keys).
+        A hot entry's rendering is made once per output format and reused; one hot input's answer is reused
+        whole."""
         hot = self.hot
         if hot is None or len(keys) != len(vectors):
-            return [render_fragment(vec, output) for vec in vectors]
-        out = hot.renderings(keys, output)  # the common case, all memoised, in one pass
-        for i, fragment in enumerate(out):
-            if fragment is None:
-                out[i] = fragment = render_fragment(vectors[i], output)
-                hot.remember(keys[i], output, fragment)
-        return out  # type: ignore[return-value]  # no None is left
+            return render_body(model, tokens, [render_fragment(vec, output) for vec in vectors])
+        if len(keys) == 1:
+            solo = hot.solo(keys[0], output)
+            if solo is None:
+                fragment = render_fragment(vectors[0], output)
+                solo = render_body(model, tokens, (fragment,))
+                hot.remember(keys[0], output, solo, len(solo) - len(fragment) - 3)
+            return solo
+        fragments: list[bytes | memoryview | None] = hot.fragments(keys, output)  # type: ignore[assignment]
+        for i, memoised in enumerate(fragments):
+            if memoised is None:
+                fragments[i] = fresh = render_fragment(vectors[i], output)
+                solo = render_body(model, item_tokens[i], (fresh,))
+                hot.remember(keys[i], output, solo, len(solo) - len(fresh) - 3)
+        return render_body(model, tokens, fragments)  # type: ignore[arg-type]  # no None is left
+
+    def hot_answer(self, model: str, tokens: int, keys: Sequence[bytes], output: str) -> bytes | None:
+        """The response body from memoised renderings alone, or None when one of them is no longer hot."""
+        hot = self.hot
+        if hot is None:
+            return None
+        if len(keys) == 1:
+            return hot.solo(keys[0], output)
+        fragments = hot.fragments(keys, output)
+        if None in fragments:
+            return None
+        return render_body(model, tokens, fragments)  # type: ignore[arg-type]  # no None is left

@@ -108,6 +108,9 @@ class Cache:
     redis: RedisOptions = field(default_factory=RedisOptions)
     # In-process LRU of hot entries (decoded, with their renderings) in front of a Redis cache; 0 = off.
     hot_max_bytes: int = 64 * 1024 * 1024
+    # In-process LRU of request bodies answered whole from the hot tier → their keys, so an exact repeat skips
+    # decoding, validation and hashing; 0 = off (it is off with the hot tier).
+    hot_requests_max_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -344,7 +347,9 @@ def _check_limits(config: Config) -> None:
                           ("coalesce.max_wait_ms", config.coalesce.max_wait_ms),
                           ("coalesce.quiet_ms", config.coalesce.quiet_ms),
                           ("quota.error_backoff_s", config.quota.error_backoff_s),
-                          ("upstream.limits.margin_s", limits.margin_s)]:
+                          ("upstream.limits.margin_s", limits.margin_s),
+                          ("cache.hot_max_bytes", config.cache.hot_max_bytes),
+                          ("cache.hot_requests_max_bytes", config.cache.hot_requests_max_bytes)]:
         if number < 0:
             raise ConfigError(f"{where}: must not be negative, got {number}")
 

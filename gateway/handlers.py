@@ -17,9 +17,9 @@ from . import config as cfg
 from . import openapi as openapi_doc
 from .auth import Principal
 from .errors import Forbidden, GatewayError, PayloadTooLarge, RequestTimeout, StateUnavailable
-from .protocol import parse_embedding_request, parse_json_object, render_body
+from .memo import Replay
+from .protocol import parse_embedding_request, parse_json_object
 from .quota import Reservation
-from .service import Outcome
 from .usage import Tally, build_report, parse_query
 
 
@@ -74,11 +74,20 @@ async def _embed(request: web.Request, team: cfg.Team) -> web.Response:
     app = request.app
     config = app[K.LIVE].config
     started = time.monotonic()
-    body = parse_json_object(await read_body(request))
+    raw = await read_body(request)
     max_inputs = config.limits.max_inputs_per_request
     if team.max_inputs_per_request is not None:
         max_inputs = min(max_inputs, team.max_inputs_per_request)
-    req = parse_embedding_request(body, max_inputs=max_inputs)
+    service = app[K.SERVICE]
+    memo = app[K.REPEATS]
+    scope = team.name if service.scope == "team" else ""
+    replay = memo.get(scope, raw)
+    # A repeat that this team may ask as it is (else the full path below answers, with its error).
+    if replay is not None and replay.inputs <= max_inputs and (team.models is None or replay.model in team.models):
+        payload = app[K.CACHE].hot_answer(replay.model, replay.tokens, replay.keys, replay.output)
+        if payload is not None:  # else an entry has left the hot tier: the full path below answers
+            return await _replay(request, app, config, team, replay, payload)
+    req = parse_embedding_request(parse_json_object(raw), max_inputs=max_inputs)
     model, inputs = req.model, len(req.items)
     # Logged even when the request fails below (429, 5xx): who asked for what is the useful part then.
     fields = request[K.LOG_FIELDS]
@@ -86,39 +95,59 @@ async def _embed(request: web.Request, team: cfg.Team) -> web.Response:
     fields["inputs"] = inputs
     if team.models is not None and model not in team.models:
         raise Forbidden(f"team {team.name!r} may not use model {model!r}", code="MODEL_NOT_ALLOWED")
-    outcome = await app[K.SERVICE].embed(team, req, deadline=started + config.limits.request_timeout_s)
-    payload = render_body(model, outcome.tokens, app[K.CACHE].render(outcome.keys, outcome.vectors, req.output))
-    _account(app, config, fields, team.name, model, inputs, outcome)
-    return web.Response(body=payload, headers=_headers(outcome))
-
-
-def _headers(outcome: Outcome) -> dict[str, str]:
-    headers = {
-        "Content-Type": "application/json",
-        "X-Cache-Hits": str(outcome.hits),
-        "X-Cache-Misses": str(outcome.misses),
-        "X-Cache-Joined": str(outcome.joined),
-        "X-Upstream-Tokens": str(outcome.upstream_tokens),
-    }
+    outcome = await service.embed(team, req, deadline=started + config.limits.request_timeout_s)
+    payload = app[K.CACHE].answer(model, outcome.tokens, outcome.keys, outcome.vectors, outcome.item_tokens,
+                                  req.output)
+    hits, misses, joined = outcome.hits, outcome.misses, outcome.joined
+    _account(app, config, fields, team.name, model, inputs, hits, misses, joined, outcome.upstream_tokens,
+             outcome.cached_tokens)
+    headers = _cache_headers(hits, misses, joined, outcome.upstream_tokens)
+    if not misses and not joined and outcome.keys:  # served whole from the cache (a unit has no keys)
+        memo.put(scope, raw, Replay(model, inputs, hits, outcome.duplicates, outcome.tokens, outcome.cached_tokens,
+                                    tuple(outcome.keys), req.output, tuple(headers.items())))
     if isinstance(outcome.reservation, Reservation):
         headers.update(outcome.reservation.headers)
-    return headers
+    return web.Response(body=payload, headers=headers)
+
+
+async def _replay(
+    request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, replay: Replay, payload: bytes
+) -> web.Response:
+    """An exact repeat of an all-hit request: the kept answer, with this request's admission and accounting."""
+    fields = request[K.LOG_FIELDS]
+    fields["model"] = replay.model
+    fields["inputs"] = replay.inputs
+    service = app[K.SERVICE]
+    service.interactive_at = time.monotonic()
+    reservation = await service.admit_cached(team, replay.cached_tokens) if service.admits(team) else None
+    _account(app, config, fields, team.name, replay.model, replay.inputs, replay.hits, 0, 0, 0,
+             replay.cached_tokens)
+    headers = dict(replay.headers)
+    if isinstance(reservation, Reservation):
+        headers.update(reservation.headers)
+    return web.Response(body=payload, headers=headers)
+
+
+def _cache_headers(hits: int, misses: int, joined: int, upstream_tokens: int) -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        "X-Cache-Hits": str(hits),
+        "X-Cache-Misses": str(misses),
+        "X-Cache-Joined": str(joined),
+        "X-Upstream-Tokens": str(upstream_tokens),
+    }
 
 
 def _account(
     app: web.Application, config: cfg.Config, fields: dict[str, object], team: str, model: str, inputs: int,
-    outcome: Outcome,
+    hits: int, misses: int, joined: int, upstream: int, cached: int,
 ) -> None:
     """Metrics, durable usage and the access log's counts of one answered request (no I/O here)."""
     price = config.prices.get(model, 0.0)
-    hits, misses, joined = outcome.hits, outcome.misses, outcome.joined
-    upstream, cached = outcome.upstream_tokens, outcome.cached_tokens
     cost, saved = upstream * price / 1e6, cached * price / 1e6
     app[K.METRICS].count_embed(team, model, (hits, misses, joined, upstream, cached, cost, saved))
-    app[K.USAGE].record(team, model, Tally(
-        requests=1, inputs=inputs, hits=hits, misses=misses, joined=joined, upstream_tokens=upstream,
-        cached_tokens=cached, cost_usd=cost, cost_saved_usd=saved,
-    ))
+    # Positional: this runs per request (the order is Tally's fields').
+    app[K.USAGE].record(team, model, Tally(1, inputs, hits, misses, joined, upstream, cached, cost, saved))
     fields["hits"] = hits
     fields["misses"] = misses
     fields["joined"] = joined

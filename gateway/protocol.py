@@ -149,7 +149,7 @@ def render_fragment(vec: np.ndarray, output: str) -> bytes:
     return orjson.dumps(render_vector(vec, output), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def render_body(model: str, tokens: int, fragments: Sequence[bytes]) -> bytes:
+def render_body(model: str, tokens: int, fragments: Sequence[bytes | memoryview]) -> bytes:
     """Splices rendered `embedding` values into the upstream's response shape, byte for byte what orjson
     emits for `{"model", "object", "usage", "data": [{"object", "index", "embedding"}]}`: no dict per vector,
     and one copy of the (possibly large) fragments."""

@@ -98,15 +98,15 @@ class EmbeddingService:
         else:  # all hits, the common case: no per-key branching
             found = dict(zip(unique, entries, strict=True))  # type: ignore[arg-type]  # no None here
         outcome = Outcome(vectors=[], tokens=0, hits=len(found), duplicates=len(keys) - len(unique))
-        if self.admission is not None and self.admission.applies(team):
-            outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
         if misses:
+            if self.admits(team):
+                outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
             try:
                 await self._fetch(team, request, prefix, misses, found, outcome, deadline, priority)
             finally:
                 await self._reconcile(outcome.reservation, outcome.upstream_tokens)
-        elif outcome.reservation is not None:
-            await self._reconcile(outcome.reservation, 0)
+        elif self.admits(team):
+            outcome.reservation = await self.admit_cached(team, sum(e.tokens for e in found.values()))
         # Without repeated inputs, `entries` is already in request order (the usual case: no lookups).
         in_order = not misses and len(unique) == len(keys)
         served = cast(list[Entry], entries) if in_order else [found[k] for k in keys]
@@ -143,6 +143,18 @@ class EmbeddingService:
             else:
                 outcome.misses += 1
                 outcome.upstream_tokens += entry.tokens
+
+    def admits(self, team: cfg.Team) -> bool:
+        """Whether `team`'s requests go through admission (checked without an await)."""
+        return self.admission is not None and self.admission.applies(team)
+
+    async def admit_cached(self, team: cfg.Team, cached_tokens: int) -> object:
+        """Admission of an answer served whole from the cache: reserved and settled at once (no upstream
+        tokens). Quota errors propagate (429, 413)."""
+        assert self.admission is not None
+        reservation = await self.admission.reserve(team, estimate_tokens=0, cached_tokens=cached_tokens)
+        await self._reconcile(reservation, 0)
+        return reservation
 
     async def _reconcile(self, reservation: object, actual_tokens: int) -> None:
         if reservation is not None and self.admission is not None:

@@ -224,12 +224,15 @@ def test_hot_cache_is_an_lru_bounded_by_bytes_renderings_included() -> None:
     assert hot.get(b"a") is entries[b"a"]  # recency now: b, c, a
     hot.put(b"d", entries[b"d"])  # b goes: c, a, d
     assert hot.get(b"b") is None and len(hot) == 3 and hot.bytes == 3 * cost
-    hot.remember(b"a", "float", b"x" * 100)  # a rendering is a use and counts too: c goes; d, a
-    assert hot.rendered(b"a", "float") == b"x" * 100
+    answer = b"{" + b"x" * 96 + b"}]}"  # a whole answer; its fragment is [1:-3]
+    hot.remember(b"a", "float", answer, 1)  # a rendering is a use and counts too: c goes; d, a
+    assert hot.solo(b"a", "float") is answer
     assert hot.get(b"c") is None and hot.get(b"d") is entries[b"d"]
     assert len(hot) == 2 and hot.bytes == 2 * cost + 100
-    hot.remember(b"b", "float", b"y")  # b is not resident: nothing is kept for it
-    assert hot.rendered(b"b", "float") is None and hot.bytes == 2 * cost + 100
+    assert [bytes(f) if f is not None else None for f in hot.fragments([b"a", b"d"], "float")] == [b"x" * 96, None]
+    assert hot.solo(b"a", "base64") is None
+    hot.remember(b"b", "float", b"{y}]}", 1)  # b is not resident: nothing is kept for it
+    assert hot.solo(b"b", "float") is None and hot.bytes == 2 * cost + 100
     tiny = HotCache(100)  # an entry bigger than the whole bound is not kept
     tiny.put(b"a", entries[b"a"])
     assert len(tiny) == 0 and tiny.bytes == 0

@@ -1,0 +1,78 @@
+"""In front of the hot tier: exact repeats of an all-hit `/v1/embeddings` request, by body.
+
+A request's body fixes its model, parameters and inputs, hence its cache keys; the entries behind those keys
+are immutable and content-addressed. So an all-hit answer is a pure function of the body (and of the team,
+when the cache is scoped by team). Kept here are the body's keys and the figures of its answer: a repeat
+costs one dict lookup instead of a JSON decode, validation and a hash per input, then its answer comes from
+the hot tier's memoised renderings (`EmbeddingCache.hot_answer`). The same query asked again (search boxes,
+retries, re-run pipelines) is the common case of an embedding gateway's traffic.
+
+What depends on the caller rather than the body (authentication, the team's model list and input limit,
+quotas, usage, metrics, the access log) is still done per request, from the figures kept with the answer.
+Only answers that needed no upstream call are kept, and the memo is emptied when the config is reloaded (a
+reload may change what a body is allowed to ask).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """An all-hit answer and the figures of how it was served (what `Outcome` would say of it)."""
+
+    model: str
+    inputs: int  # inputs in the request, repeats included
+    hits: int  # distinct inputs
+    duplicates: int
+    tokens: int  # usage reported: every input's tokens
+    cached_tokens: int  # the distinct inputs' tokens (nothing was paid for)
+    keys: tuple[bytes, ...]  # each input's cache key, in order
+    output: str
+    headers: tuple[tuple[str, str], ...]  # the X-Cache-* headers of such an answer
+
+
+# Bytes a kept request costs beyond its body: the key tuple, the record, the dict slot; and per input.
+_OVERHEAD = 400
+_PER_KEY = 60
+
+
+class ResponseMemo:
+    """A bounded LRU of `Replay`s by (scope, request body), bounded by bytes. `max_body_bytes` bounds what is
+    worth keeping: a large body is rarely repeated byte for byte, and would crowd out many small ones."""
+
+    def __init__(self, max_bytes: int, max_body_bytes: int = 64 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.max_body_bytes = max_body_bytes
+        self.bytes = 0
+        self._data: OrderedDict[tuple[str, bytes], tuple[Replay, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, scope: str, body: bytes) -> Replay | None:
+        key = (scope, body)
+        found = self._data.get(key)
+        if found is None:
+            return None
+        self._data.move_to_end(key)
+        return found[0]
+
+    def put(self, scope: str, body: bytes, replay: Replay) -> None:
+        if len(body) > self.max_body_bytes:
+            return
+        key = (scope, body)
+        cost = _OVERHEAD + len(body) + _PER_KEY * len(replay.keys)
+        if cost > self.max_bytes or key in self._data:
+            return
+        self._data[key] = (replay, cost)
+        self.bytes += cost
+        while self.bytes > self.max_bytes:
+            _, (_, old) = self._data.popitem(last=False)
+            self.bytes -= old
+
+    def clear(self) -> None:
+        self._data.clear()
+        self.bytes = 0
