@@ -224,8 +224,23 @@ class HotCache:
                 out.append(None)
             else:
                 move(key)
-                solo, start = rendered
-                out.append(memoryview(solo)[start:-3])
+                out.append(rendered[1])
+        return out
+
+    def all_fragments(self, keys: Sequence[bytes], output: str) -> list[memoryview] | None:
+        """`fragments` when every one is memoised, else None (and no key is used)."""
+        data = self._data
+        out: list[memoryview] = []
+        append = out.append
+        for key in keys:
+            hot = data.get(key)
+            rendered = None if hot is None else hot.rendered.get(output)
+            if rendered is None:
+                return None
+            append(rendered[1])
+        move = data.move_to_end
+        for key in keys:
+            move(key)
         return out
 
     def remember(self, key: bytes, output: str, solo: bytes, start: int) -> None:
@@ -235,9 +250,11 @@ class HotCache:
         if hot is None or output in hot.rendered:
             return
         self._data.move_to_end(key)
-        hot.rendered[output] = (solo, start)
-        hot.cost += len(solo)
-        self.bytes += len(solo)
+        # The fragment's view is made once here: slicing per use would cost more than the lookup.
+        hot.rendered[output] = (solo, memoryview(solo)[start:-3])
+        cost = len(solo) + _VIEW_OVERHEAD
+        hot.cost += cost
+        self.bytes += cost
         self._shrink()
 
     def _shrink(self) -> None:
@@ -251,12 +268,13 @@ class _Hot:
     entry: Entry
     # output → the whole answer to a request of this input alone, and where its `embedding` JSON starts: a
     # repeated single-input request is answered with it as it is, and a many-input answer splices the slice.
-    rendered: dict[str, tuple[bytes, int]]
+    rendered: dict[str, tuple[bytes, memoryview]]
     cost: int
 
 
 # Bytes a hot entry costs beyond its vectors: the key, the record, the dict slot and the array header.
 _HOT_OVERHEAD = 400
+_VIEW_OVERHEAD = 200  # a rendering's record and the view of its fragment
 
 
 class EmbeddingCache:
@@ -377,7 +395,5 @@ class EmbeddingCache:
             return None
         if len(keys) == 1:
             return hot.solo(keys[0], output)
-        fragments = hot.fragments(keys, output)
-        if None in fragments:
-            return None
-        return render_body(model, tokens, fragments)  # type: ignore[arg-type]  # no None is left
+        fragments = hot.all_fragments(keys, output)
+        return None if fragments is None else render_body(model, tokens, fragments)

@@ -104,7 +104,7 @@ async def _embed(request: web.Request, team: cfg.Team) -> web.Response:
     headers = _cache_headers(hits, misses, joined, outcome.upstream_tokens)
     if not misses and not joined and outcome.keys:  # served whole from the cache (a unit has no keys)
         memo.put(scope, raw, Replay(model, inputs, hits, outcome.duplicates, outcome.tokens, outcome.cached_tokens,
-                                    tuple(outcome.keys), req.output, tuple(headers.items())))
+                                    tuple(outcome.keys), req.output, headers.copy()))
     if isinstance(outcome.reservation, Reservation):
         headers.update(outcome.reservation.headers)
     return web.Response(body=payload, headers=headers)
@@ -122,7 +122,7 @@ async def _replay(
     reservation = await service.admit_cached(team, replay.cached_tokens) if service.admits(team) else None
     _account(app, config, fields, team.name, replay.model, replay.inputs, replay.hits, 0, 0, 0,
              replay.cached_tokens)
-    headers = dict(replay.headers)
+    headers = replay.headers.copy()
     if isinstance(reservation, Reservation):
         headers.update(reservation.headers)
     return web.Response(body=payload, headers=headers)

@@ -31,7 +31,7 @@ class Replay:
     cached_tokens: int  # the distinct inputs' tokens (nothing was paid for)
     keys: tuple[bytes, ...]  # each input's cache key, in order
     output: str
-    headers: tuple[tuple[str, str], ...]  # the X-Cache-* headers of such an answer
+    headers: dict[str, str]  # the X-Cache-* headers of such an answer (copied per answer, never changed)
 
 
 # Bytes a kept request costs beyond its body: the key tuple, the record, the dict slot; and per input.

@@ -94,8 +94,14 @@ class Metrics:
         if sums is None:
             self._embeds[(team, model)] = list(figures)
             return
-        for i, value in enumerate(figures):
-            sums[i] += value
+        hits, misses, joined, upstream, cached, cost, saved = figures  # spelt out: a loop costs twice as much
+        sums[0] += hits
+        sums[1] += misses
+        sums[2] += joined
+        sums[3] += upstream
+        sums[4] += cached
+        sums[5] += cost
+        sums[6] += saved
 
     def publish(self) -> None:
         """Moves the pending per-request figures into the Prometheus series (synchronous: nothing is counted

@@ -63,7 +63,7 @@ class Limits:
         return any(self.values)
 
 
-_LIMITS: dict[int, tuple[cfg.Quota, Limits]] = {}
+_LIMITS: dict[int, tuple[cfg.Quota, Limits, bool]] = {}  # id(quota) → (quota, its limits, whether any)
 
 
 def _limits_of(quota: cfg.Quota) -> Limits:
@@ -75,7 +75,7 @@ def _limits_of(quota: cfg.Quota) -> Limits:
     limits = Limits(tuple(getattr(quota, name) or 0 for name in POLICIES))  # type: ignore[arg-type]
     if len(_LIMITS) > 4096:  # reloads keep creating Quota objects: never let the memo grow without bound
         _LIMITS.clear()
-    _LIMITS[id(quota)] = (quota, limits)
+    _LIMITS[id(quota)] = (quota, limits, bool(limits))
     return limits
 
 
@@ -249,7 +249,10 @@ class QuotaGate:
         self._store_down = False
 
     def applies(self, team: cfg.Team) -> bool:
-        return bool(Limits.of(team.quota))
+        hit = _LIMITS.get(id(team.quota))  # `_limits_of`'s memo, read inline: this runs for every request
+        if hit is not None and hit[0] is team.quota:
+            return hit[2]
+        return bool(_limits_of(team.quota))
 
     async def reserve(self, team: cfg.Team, *, estimate_tokens: int, cached_tokens: int) -> Reservation | None:
         limits = Limits.of(team.quota)

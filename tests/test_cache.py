@@ -228,11 +228,13 @@ def test_hot_cache_is_an_lru_bounded_by_bytes_renderings_included() -> None:
     hot.remember(b"a", "float", answer, 1)  # a rendering is a use and counts too: c goes; d, a
     assert hot.solo(b"a", "float") is answer
     assert hot.get(b"c") is None and hot.get(b"d") is entries[b"d"]
-    assert len(hot) == 2 and hot.bytes == 2 * cost + 100
+    assert len(hot) == 2 and hot.bytes == 2 * cost + 100 + 200  # the answer and its record
     assert [bytes(f) if f is not None else None for f in hot.fragments([b"a", b"d"], "float")] == [b"x" * 96, None]
     assert hot.solo(b"a", "base64") is None
     hot.remember(b"b", "float", b"{y}]}", 1)  # b is not resident: nothing is kept for it
-    assert hot.solo(b"b", "float") is None and hot.bytes == 2 * cost + 100
+    assert hot.solo(b"b", "float") is None and hot.bytes == 2 * cost + 100 + 200
+    assert hot.all_fragments([b"a", b"d"], "float") is None
+    assert [bytes(f) for f in hot.all_fragments([b"a", b"a"], "float") or []] == [b"x" * 96] * 2
     tiny = HotCache(100)  # an entry bigger than the whole bound is not kept
     tiny.put(b"a", entries[b"a"])
     assert len(tiny) == 0 and tiny.bytes == 0
