@@ -20,7 +20,7 @@ from .errors import Forbidden, GatewayError, PayloadTooLarge, RequestTimeout, St
 from .memo import Replay
 from .protocol import parse_embedding_request, parse_json_object
 from .quota import Reservation
-from .usage import Tally, build_report, parse_query
+from .usage import build_report, parse_query
 
 
 def principal_of(request: web.Request) -> Principal:
@@ -146,8 +146,7 @@ def _account(
     price = config.prices.get(model, 0.0)
     cost, saved = upstream * price / 1e6, cached * price / 1e6
     app[K.METRICS].count_embed(team, model, (hits, misses, joined, upstream, cached, cost, saved))
-    # Positional: this runs per request (the order is Tally's fields').
-    app[K.USAGE].record(team, model, Tally(1, inputs, hits, misses, joined, upstream, cached, cost, saved))
+    app[K.USAGE].count(team, model, inputs, hits, misses, joined, upstream, cached, cost, saved)
     fields["hits"] = hits
     fields["misses"] = misses
     fields["joined"] = joined

@@ -331,7 +331,8 @@ class InFlight:
 
     def enter(self) -> None:
         self.count += 1
-        self._idle.clear()
+        if self.count == 1:  # the Event is touched only on the edges: this runs twice per request
+            self._idle.clear()
 
     def leave(self) -> None:
         self.count -= 1

@@ -224,16 +224,40 @@ class UsageRecorder:
 
     def record(self, team: str, model: str, tally: Tally) -> None:
         """Adds one request's counters (the recorder keeps `tally`; pass a fresh one)."""
-        now = self.clock()
-        if not self._day_start <= now < self._day_start + 86400:
-            self._day = utc_day(now)
-            self._day_start = now - now % 86400  # UTC days are 86400 s long in Unix time
-        key = (team, model, self._day)
+        key = (team, model, self._today())
         current = self._pending.get(key)
         if current is None:
             self._pending[key] = tally
         else:
             current.add(tally)
+
+    def count(
+        self, team: str, model: str, inputs: int, hits: int, misses: int, joined: int, upstream_tokens: int,
+        cached_tokens: int, cost_usd: float, cost_saved_usd: float,
+    ) -> None:
+        """`record` of one request, added in place: no Tally per request once the day's key exists."""
+        key = (team, model, self._today())
+        t = self._pending.get(key)
+        if t is None:
+            self._pending[key] = Tally(1, inputs, hits, misses, joined, upstream_tokens, cached_tokens, cost_usd,
+                                       cost_saved_usd)
+            return
+        t.requests += 1
+        t.inputs += inputs
+        t.hits += hits
+        t.misses += misses
+        t.joined += joined
+        t.upstream_tokens += upstream_tokens
+        t.cached_tokens += cached_tokens
+        t.cost_usd += cost_usd
+        t.cost_saved_usd += cost_saved_usd
+
+    def _today(self) -> str:
+        now = self.clock()
+        if not self._day_start <= now < self._day_start + 86400:
+            self._day = utc_day(now)
+            self._day_start = now - now % 86400  # UTC days are 86400 s long in Unix time
+        return self._day
 
     @property
     def pending(self) -> bool:
