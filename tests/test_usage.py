@@ -42,7 +42,10 @@ from .redis_server import RedisServer, free_port
 from .workload import MODEL, NANO, Sent, run_workload
 
 PRICES = {MODEL: 0.05, NANO: 0.02}
-TODAY = datetime.now(UTC).date().isoformat()
+def today() -> str:
+    """The UTC day now, when a test reads it (not at import: a suite that runs across midnight would
+    otherwise look for the previous day's counters)."""
+    return datetime.now(UTC).date().isoformat()
 
 
 async def usage(client: Any, key: str = ADMIN_KEY, **params: str) -> tuple[int, Any]:
@@ -87,7 +90,7 @@ async def test_usage_survives_a_restart_on_the_same_redis(gateway: Gateway, redi
     status, after = await usage(second)
     assert status == 200
     assert_matches(after, sent, sim.tokens)
-    assert {r["day"] for r in after["data"]} == {TODAY}
+    assert {r["day"] for r in after["data"]} == {today()}
     assert {(r["team"], r["model"]) for r in after["data"]} == {("team-a", MODEL), ("team-b", MODEL), ("team-b", NANO)}
     billed = sum(r["upstream_tokens"] * PRICES[r["model"]] / 1e6 for r in after["data"])
     assert after["total"]["cost_usd"] == pytest.approx(billed, rel=1e-9)
@@ -130,11 +133,11 @@ async def test_group_by_and_csv(gateway: Gateway) -> None:
     status, total = await usage(client, group_by="")
     assert status == 200 and total["data"] == [total["total"]]
 
-    status, text = await usage(client, format="csv", start=TODAY, end=TODAY)
+    status, text = await usage(client, format="csv", start=today(), end=today())
     assert status == 200
     rows = list(csv.reader(io.StringIO(text)))
     assert text.endswith("\r\n") and rows[0] == ["team", "model", "day", *FIELDS]
-    status, as_json = await usage(client, start=TODAY, end=TODAY)
+    status, as_json = await usage(client, start=today(), end=today())
     assert rows[1:] == [[str(r[c]) for c in rows[0]] for r in as_json["data"]]
     resp = await client.get("/v1/usage", params={"format": "csv"}, headers=auth(ADMIN_KEY))
     assert resp.headers["Content-Type"] == "text/csv; charset=utf-8"
@@ -225,7 +228,7 @@ async def test_a_retried_flush_is_applied_exactly_once(backend: str, state_clien
     recorder.record("b", NANO, Tally(requests=1, inputs=1))
     assert not await recorder.flush()
     assert await recorder.flush() and not recorder.pending
-    got = await inner.read(None, [TODAY])
+    got = await inner.read(None, [today()])
     assert {k[:2]: (t.requests, t.inputs, t.cost_usd) for k, t in got.items()} == {
         ("a", MODEL): (2, 7, 0.75), ("b", NANO): (1, 1, 0.0)
     }
@@ -260,10 +263,10 @@ async def test_usage_is_written_in_one_round_trip_per_flush(state_client: Any) -
     assert executed == 1  # one round trip for 50 requests of 3 teams
     assert stats["cmdstat_evalsha"]["calls"] == 3 and stats["cmdstat_sadd"]["calls"] == 1  # a script call per team
     assert "cmdstat_script" not in stats  # no SCRIPT EXISTS / LOAD round trip per flush
-    got = await store.read(None, [TODAY])
+    got = await store.read(None, [today()])
     assert sum(t.requests for t in got.values()) == 50 and sum(t.inputs for t in got.values()) == 500
     assert sum(t.cost_usd for t in got.values()) == pytest.approx(50e-5)
-    ttl = await state_client.ttl(f"eg:usage:{{team-0}}:{TODAY}")
+    ttl = await state_client.ttl(f"eg:usage:{{team-0}}:{today()}")
     assert 0 < ttl <= 3600
 
 
@@ -281,8 +284,8 @@ async def test_a_flush_after_the_scripts_were_flushed_loads_them_again(state_cli
     await state_client.script_flush()
     recorder.record("a", MODEL, Tally(requests=1, upstream_tokens=9))
     assert await recorder.flush()
-    got = await recorder.store.read(["a"], [TODAY])
-    assert got[("a", MODEL, TODAY)].upstream_tokens == 9
+    got = await recorder.store.read(["a"], [today()])
+    assert got[("a", MODEL, today())].upstream_tokens == 9
 
 
 async def test_state_store_down_embeddings_still_served_usage_kept_until_it_is_back(
@@ -341,8 +344,8 @@ async def test_serve_writes_the_tally_on_sigterm(redis_url: str, state_client: A
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
-    got = await RedisUsageStore(state_client, retention_s=60).read(["team-a"], [TODAY])
-    tally = got[("team-a", MODEL, TODAY)]
+    got = await RedisUsageStore(state_client, retention_s=60).read(["team-a"], [today()])
+    tally = got[("team-a", MODEL, today())]
     assert (tally.requests, tally.inputs, tally.hits, tally.misses) == (3, 6, 2, 4)
 
 
