@@ -61,12 +61,10 @@ class LoopBufferedHandler(logging.StreamHandler[TextIO]):
 
     def write_line(self, line: str) -> None:
         """A preformatted line (no newline), buffered like an INFO record."""
-        self.acquire()
-        try:
+        with self.lock:  # type: ignore[union-attr]  # StreamHandler always has one; `with` skips acquire()'s frame
             self._pending.append(line + self.terminator)
-            self._schedule()
-        finally:
-            self.release()
+            if not self._scheduled:
+                self._schedule()
 
     def _schedule(self) -> None:
         if not self._scheduled:
