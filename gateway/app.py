@@ -93,6 +93,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     app[K.CACHE] = cache
     memo = app[K.REPEATS] = ResponseMemo(config.cache.hot_requests_max_bytes if cache.hot is not None else 0)
     live.on_change(lambda _: memo.clear())
+    metrics.on_scrape(functools.partial(_hot_snapshot, cache, memo, metrics), name="hot_cache")
     state_redis = _state_client(config.state)
     app[K.STATE_REDIS] = state_redis
     usage = _usage_recorder(config, state_redis, metrics)
@@ -200,6 +201,12 @@ def _batch_worker(
     metrics.on_scrape(functools.partial(_batch_snapshot, jobs, metrics), name="batch_jobs")
     worker.start()
     return worker
+
+
+async def _hot_snapshot(cache: EmbeddingCache, memo: ResponseMemo, metrics: Metrics) -> None:
+    for tier, held in (("entries", cache.hot), ("requests", memo)):
+        metrics.hot_bytes.labels(tier).set(held.bytes if held is not None else 0)
+        metrics.hot_items.labels(tier).set(len(held) if held is not None else 0)
 
 
 async def _batch_snapshot(jobs: JobStore, metrics: Metrics) -> None:

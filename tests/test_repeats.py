@@ -165,3 +165,18 @@ def test_the_memo_is_an_lru_bounded_by_bytes() -> None:
     assert memo.get("", b"y" * 101) is None and len(memo) == 3
     memo.clear()
     assert len(memo) == 0 and memo.bytes == 0
+
+
+async def test_the_hot_tiers_fill_is_exported(gateway: Gateway, redis_url: str) -> None:
+    client = await gateway(cache={"url": redis_url})
+    body = request(["measured a", "measured b"])
+    for _ in range(2):
+        assert (await post(client, body))[0] == 200
+    resp = await client.get("/metrics", headers={"Authorization": "Bearer metrics-token"})
+    text = (await resp.read()).decode()
+    hot, memo = client.app[K.CACHE].hot, client.app[K.REPEATS]
+    assert hot is not None and len(hot) == 2 and len(memo) == 1
+    assert 'eg_hot_cache_items{tier="entries"} 2.0' in text
+    assert f'eg_hot_cache_bytes{{tier="entries"}} {float(hot.bytes)}' in text
+    assert 'eg_hot_cache_items{tier="requests"} 1.0' in text
+    assert f'eg_hot_cache_bytes{{tier="requests"}} {float(memo.bytes)}' in text
