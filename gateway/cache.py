@@ -105,6 +105,8 @@ def decode(raw: bytes) -> Entry:
         flat = _unpack_floats(memoryview(raw)[offset:], flags)
         if flat.size != sum(max(r, 1) * dim for r, dim in shapes):
             raise ValueError("cache entry unit of the wrong size")
+        if not shapes or any(dim == 0 for _, dim in shapes):  # serving it would answer with an empty embedding
+            raise ValueError("cache entry unit with an empty vector")
         return Entry(vectors=_split_unit(flat, shapes), tokens=tokens)
     flat = _unpack_floats(memoryview(raw)[offset:], flags)
     if not flat.size:  # a bare header: serving it would answer with an empty embedding

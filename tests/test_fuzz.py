@@ -236,6 +236,7 @@ def corrupted_entries(draw: st.DrawFn) -> bytes:
 @FUZZ
 @given(raw=st.binary(max_size=200) | corrupted_entries())
 @example(raw=encode(np.zeros(0, dtype="<f4"), 1))  # a bare header: no vector at all
+@example(raw=b"\x01\x02\x01\x00" + bytes(8))  # a unit of one 0-dim vector
 async def test_cache_survives_garbage_entries(raw: bytes) -> None:
     """A corrupt entry in the store is a miss (or a well-formed entry), never an exception."""
     store = MemoryCacheStore(max_bytes=1 << 20)
