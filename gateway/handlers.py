@@ -28,6 +28,23 @@ def principal_of(request: web.Request) -> Principal:
     return principal
 
 
+def body_now(request: web.Request, limits: cfg.Limits) -> bytes | None:
+    """The body when it came whole with the headers (the usual case: no await), else None; over the limit,
+    413 before it is buffered whole."""
+    limit = limits.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes exceeds the {limit}-byte limit")
+    content = request.content
+    if not content.is_eof():
+        return None
+    # Take the buffer as it is (no timer, and none of read()'s chunk loop), checking the size read() would.
+    body = content.read_nowait()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+    return body
+
+
 async def read_body(request: web.Request) -> bytes:
     """The body, refused before it is buffered whole when it is over the limit.
 
@@ -35,18 +52,10 @@ async def read_body(request: web.Request) -> bytes:
     trickling its body in would otherwise hold a handler (and its buffer) for as long as it likes.
     """
     limits = request.app[K.LIVE].config.limits
-    limit = limits.max_body_bytes
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes exceeds the {limit}-byte limit")
-    content = request.content
-    if content.is_eof():
-        # The whole body came with the headers: take the buffer as it is (no timer, and none of read()'s
-        # chunk loop), checking the size read() would have checked.
-        body = content.read_nowait()
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+    body = body_now(request, limits)
+    if body is not None:
         return body
+    limit = limits.max_body_bytes
     try:
         async with asyncio.timeout(limits.request_timeout_s):
             return await request.read()
@@ -57,36 +66,44 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def embeddings(request: web.Request) -> web.Response:
+    # This runs for every request: one coroutine for an exact repeat (the common case), the parts looked up
+    # once and passed on.
     team = principal_of(request).team
     if team is None:
         raise Forbidden("admin keys cannot embed; use a team key")
+    app = request.app
+    config = app[K.LIVE].config
+    started = time.monotonic()  # the request's deadline counts from here, the body's reading included
     try:
-        return await _embed(request, team)
+        raw = body_now(request, config.limits)
+        if raw is None:
+            raw = await read_body(request)
+        max_inputs = config.limits.max_inputs_per_request
+        if team.max_inputs_per_request is not None:
+            max_inputs = min(max_inputs, team.max_inputs_per_request)
+        service = app[K.SERVICE]
+        scope = team.name if service.scope == "team" else ""
+        replay = app[K.REPEATS].get(scope, raw)
+        # A repeat this team may ask as it is (else the full path answers, with its error), still hot.
+        if replay is not None and replay.inputs <= max_inputs and (team.models is None or replay.model in team.models):
+            payload = app[K.CACHE].hot_answer(replay.model, replay.tokens, replay.keys, replay.output)
+            if payload is not None:
+                service.interactive_at = started
+                reservation = await service.admit_cached(team, replay.cached_tokens) if service.admits(team) else None
+                return _replayed(request, app, config, team, replay, payload, reservation)
+        return await _embed(request, app, config, team, raw, max_inputs, scope, started)
     except GatewayError as exc:
         # Every answer to a team with a quota tells it where it stands; a 429 already carries it.
         if "RateLimit" not in exc.headers:
-            exc.headers.update(await request.app[K.QUOTA].peek(team))
+            exc.headers.update(await app[K.QUOTA].peek(team))
         raise
 
 
-async def _embed(request: web.Request, team: cfg.Team) -> web.Response:
-    # This runs for every request: the parts are looked up once and passed on.
-    app = request.app
-    config = app[K.LIVE].config
-    started = time.monotonic()
-    raw = await read_body(request)
-    max_inputs = config.limits.max_inputs_per_request
-    if team.max_inputs_per_request is not None:
-        max_inputs = min(max_inputs, team.max_inputs_per_request)
-    service = app[K.SERVICE]
-    memo = app[K.REPEATS]
-    scope = team.name if service.scope == "team" else ""
-    replay = memo.get(scope, raw)
-    # A repeat that this team may ask as it is (else the full path below answers, with its error).
-    if replay is not None and replay.inputs <= max_inputs and (team.models is None or replay.model in team.models):
-        payload = app[K.CACHE].hot_answer(replay.model, replay.tokens, replay.keys, replay.output)
-        if payload is not None:  # else an entry has left the hot tier: the full path below answers
-            return await _replay(request, app, config, team, replay, payload)
+async def _embed(
+    request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, raw: bytes, max_inputs: int,
+    scope: str, started: float,
+) -> web.Response:
+    """The full path: decode, validate, look up each input, fetch the misses."""
     req = parse_embedding_request(parse_json_object(raw), max_inputs=max_inputs)
     model, inputs = req.model, len(req.items)
     # Logged even when the request fails below (429, 5xx): who asked for what is the useful part then.
@@ -95,7 +112,7 @@ async def _embed(request: web.Request, team: cfg.Team) -> web.Response:
     fields["inputs"] = inputs
     if team.models is not None and model not in team.models:
         raise Forbidden(f"team {team.name!r} may not use model {model!r}", code="MODEL_NOT_ALLOWED")
-    outcome = await service.embed(team, req, deadline=started + config.limits.request_timeout_s)
+    outcome = await app[K.SERVICE].embed(team, req, deadline=started + config.limits.request_timeout_s)
     payload = app[K.CACHE].answer(model, outcome.tokens, outcome.keys, outcome.vectors, outcome.item_tokens,
                                   req.output)
     hits, misses, joined = outcome.hits, outcome.misses, outcome.joined
@@ -103,23 +120,21 @@ async def _embed(request: web.Request, team: cfg.Team) -> web.Response:
              outcome.cached_tokens)
     headers = _cache_headers(hits, misses, joined, outcome.upstream_tokens)
     if not misses and not joined and outcome.keys:  # served whole from the cache (a unit has no keys)
-        memo.put(scope, raw, Replay(model, inputs, hits, outcome.duplicates, outcome.tokens, outcome.cached_tokens,
-                                    tuple(outcome.keys), req.output, headers.copy()))
+        app[K.REPEATS].put(scope, raw, Replay(model, inputs, hits, outcome.duplicates, outcome.tokens,
+                                              outcome.cached_tokens, tuple(outcome.keys), req.output, headers.copy()))
     if isinstance(outcome.reservation, Reservation):
         headers.update(outcome.reservation.headers)
     return web.Response(body=payload, headers=headers)
 
 
-async def _replay(
-    request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, replay: Replay, payload: bytes
+def _replayed(
+    request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, replay: Replay, payload: bytes,
+    reservation: object,
 ) -> web.Response:
-    """An exact repeat of an all-hit request: the kept answer, with this request's admission and accounting."""
+    """An exact repeat of an all-hit request, admitted: the answer, with this request's accounting."""
     fields = request[K.LOG_FIELDS]
     fields["model"] = replay.model
     fields["inputs"] = replay.inputs
-    service = app[K.SERVICE]
-    service.interactive_at = time.monotonic()
-    reservation = await service.admit_cached(team, replay.cached_tokens) if service.admits(team) else None
     _account(app, config, fields, team.name, replay.model, replay.inputs, replay.hits, 0, 0, 0,
              replay.cached_tokens)
     headers = replay.headers.copy()
