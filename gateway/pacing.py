@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import xxhash
 
 from . import config as cfg
+from .breaker import StoreBreaker
 from .errors import UpstreamRateLimited
 from .keys import pacing_keys
 from .metrics import Metrics
@@ -125,10 +126,12 @@ class Pacer:
         self.backend = backend
         self.metrics = metrics
         self.clock = clock
-        self.error_backoff_s = error_backoff_s
         self.local = MemoryPacingBackend(clock.time if clock is not None else time.time)
-        self._retry_store_at = 0.0
-        self._store_down = False
+        # Pacing is a courtesy to the upstream (its 429s are retried): without the store, pace per process.
+        self.breaker = StoreBreaker(
+            metrics, log, down=lambda: "pacing the upstream per process",
+            back="pacing the upstream for the fleet again", backoff_s=lambda: error_backoff_s,
+        )
 
     async def acquire(self, tokens: int, deadline: float) -> None:
         """Waits for the call's turn; raises UpstreamRateLimited when the turn comes after `deadline`."""
@@ -151,31 +154,22 @@ class Pacer:
         try:
             await self.backend.hold(ms, self._now())
         except STORE_ERRORS as exc:
-            self._failed(exc)
+            self.breaker.failed(exc, "pacing")
         await self.local.hold(ms, self._now())
 
     async def _acquire(self, tokens: int, max_wait_ms: int) -> tuple[bool, int, int]:
         kwargs: dict[str, Any] = {"window_ms": self.window_ms, "rpm": self.rpm, "tpm": self.tpm, "tokens": tokens,
                                   "max_wait_ms": max_wait_ms, "now_ms": self._now()}
-        if time.monotonic() >= self._retry_store_at:
+        if self.breaker.available():
             try:
                 granted = await self.backend.acquire(**kwargs)
             except STORE_ERRORS as exc:
-                self._failed(exc)
+                self.breaker.failed(exc, "pacing")
             else:
-                if self._store_down:
-                    self._store_down = False
-                    log.warning("state store reachable again; pacing the upstream for the fleet again")
+                self.breaker.ok()
                 return granted
-        # Pacing is a courtesy to the upstream (its 429s are retried): without the store, pace per process.
         return await self.local.acquire(**kwargs)
 
     def _now(self) -> int | None:
         return None if self.clock is None else round(self.clock.time() * 1000)
 
-    def _failed(self, exc: BaseException) -> None:
-        self.metrics.store_errors.labels("state", "pacing").inc()
-        self._retry_store_at = time.monotonic() + self.error_backoff_s
-        if not self._store_down:
-            self._store_down = True
-            log.warning("state store unreachable (%s); pacing the upstream per process", type(exc).__name__)

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 from redis.exceptions import RedisError
 
 from . import config as cfg
+from .breaker import StoreBreaker
 from .errors import Overloaded, PayloadTooLarge, QuotaExceeded
 from .keys import quota_key
 from .metrics import QUOTA_POLICIES, Metrics
@@ -245,8 +246,12 @@ class QuotaGate:
         self.clock = clock
         self.monotonic = monotonic
         self.local = MemoryQuotaBackend(clock.time if clock is not None else time.time)
-        self._retry_store_at = 0.0
-        self._store_down = False
+        self.breaker = StoreBreaker(
+            metrics, log, back="quota is shared by the fleet again", backoff_s=lambda: self.settings.error_backoff_s,
+            down=lambda: "quota admits with the local limiter" if self.settings.on_store_error == "open"
+            else "quota answers 503",
+            monotonic=monotonic,
+        )
 
     def applies(self, team: cfg.Team) -> bool:
         hit = _LIMITS.get(id(team.quota))  # `_limits_of`'s memo, read inline: this runs for every request
@@ -281,7 +286,7 @@ class QuotaGate:
         try:
             await self.backend.run(reservation.team, reservation.limits, now_ms=self._now(), **kwargs)
         except STORE_ERRORS as exc:
-            self._store_failed(exc, "reconcile")
+            self.breaker.failed(exc, "reconcile")
 
     def reconfigure(self, config: cfg.Config) -> None:
         """A reload: `quota.*` settings apply from the next request (team policies travel with each team)."""
@@ -344,13 +349,13 @@ class QuotaGate:
 
     async def _run(self, team: str, limits: Limits, **kwargs: Any) -> tuple[Verdict, bool]:
         now_ms = self._now()
-        if self.monotonic() >= self._retry_store_at:
+        if self.breaker.available():
             try:
                 verdict = await self.backend.run(team, limits, now_ms=now_ms, **kwargs)
             except STORE_ERRORS as exc:
-                self._store_failed(exc, "quota")
+                self.breaker.failed(exc, "quota")
             else:
-                self._store_ok()
+                self.breaker.ok()
                 return verdict, False
         if self.settings.on_store_error == "closed":
             raise Overloaded(
@@ -361,19 +366,6 @@ class QuotaGate:
 
     def _now(self) -> int | None:
         return None if self.clock is None else round(self.clock.time() * 1000)
-
-    def _store_failed(self, exc: BaseException, op: str) -> None:
-        self.metrics.store_errors.labels("state", op).inc()
-        self._retry_store_at = self.monotonic() + self.settings.error_backoff_s
-        if not self._store_down:
-            self._store_down = True
-            how = "admits with the local limiter" if self.settings.on_store_error == "open" else "answers 503"
-            log.warning("state store unreachable (%s: %s); quota %s", type(exc).__name__, exc, how)
-
-    def _store_ok(self) -> None:
-        if self._store_down:
-            self._store_down = False
-            log.warning("state store reachable again; quota is shared by the fleet again")
 
 
 def rate_limit_headers(limits: Limits, verdict: Verdict) -> dict[str, str]:
