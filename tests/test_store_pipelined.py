@@ -47,6 +47,29 @@ async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_next(client:
     assert await client.execute((b"GET", b"y")) == [b"why"]
 
 
+async def test_an_idle_connection_sends_at_once_and_a_busy_one_gathers_an_iteration_into_one_write(
+    client: PipelinedRedis,
+) -> None:
+    await client.execute((b"PING",))  # connected
+    conn = client._conn
+    assert conn is not None and conn.transport is not None
+    writes: list[bytes] = []
+    real_write = conn.transport.write
+
+    def write(data: bytes) -> None:
+        writes.append(bytes(data))
+        real_write(data)
+
+    conn.transport.write = write  # type: ignore[method-assign]
+    # Six callers in one iteration: the first finds nothing in flight and its command leaves at once; the
+    # other five, with its reply pending, leave together in one write.
+    replies = await asyncio.gather(
+        client.execute((b"SET", b"p", b"1")), *(client.execute((b"GET", b"p")) for _ in range(5))
+    )
+    assert replies == [[b"OK"]] + [[b"1"]] * 5
+    assert len(writes) == 2 and b"SET" in writes[0] and writes[1].count(b"GET") == 5
+
+
 async def test_auth_and_database_come_from_the_url(own_redis: RedisServer) -> None:
     admin = aioredis.Redis.from_url(own_redis.url)
     await admin.config_set("requirepass", "s3cret")

@@ -2,7 +2,8 @@
 
 redis-py spends 100-200 µs of Python per command here (pool, retry, health-check and timeout wrappers), and
 the cache sends one command per request. Here every command shares one connection, the commands issued in
-one event-loop iteration leave in one write (concurrent callers pipeline on the wire), and replies are
+one event-loop iteration leave in one write (concurrent callers pipeline on the wire; a command issued while
+nothing is in flight or queued leaves at once, since there is nobody to pipeline with), and replies are
 matched in order and parsed by hiredis. An error or a timeout closes the connection and fails every command
 waiting on it (replies could no longer be matched to callers); the next command reconnects. The cache
 treats any failure as a miss.
@@ -126,10 +127,16 @@ class _Connection(asyncio.Protocol):
             raise ConnectionError("the cache Redis connection is closed")
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
+        packed = [hiredis.pack_command(c) for c in commands]  # type: ignore[arg-type]
+        if not self.waiting and not self.outbox:
+            # Nothing in flight: nobody to pipeline with, so the command leaves now rather than one loop
+            # iteration later (under load replies are pending, and commands gather into one write as below).
+            self.transport.write(packed[0] if len(packed) == 1 else b"".join(packed))
+        else:
+            if not self.outbox:
+                loop.call_soon(self._flush)
+            self.outbox.extend(packed)
         self.waiting.extend(futures)
-        if not self.outbox:
-            loop.call_soon(self._flush)
-        self.outbox.extend([hiredis.pack_command(c) for c in commands])  # type: ignore[arg-type]
         last = futures[-1]
         # Replies come in order: when the last one is late, everything after it is stuck behind it too.
         timer = loop.call_later(timeout_s, self._expire, last)
