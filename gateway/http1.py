@@ -86,9 +86,14 @@ class _Connection(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the connection is out of step
             return
         self._got = True
-        self._buf += data
         try:
-            answer = self._parse()
+            if not self._buf and self._state == _HEAD:
+                # The usual answer: head and whole body in one read. Parsed from `data` itself, without
+                # copying it through the buffer.
+                answer = self._whole(data)
+            else:
+                self._buf += data
+                answer = self._parse()
         except HTTPError as exc:
             self._finish(exc)
             return
@@ -213,6 +218,17 @@ class _Connection(asyncio.Protocol):
                     raise BadAnswer("chunk not followed by CRLF")
                 del buf[:2]
                 self._state = _CHUNK_SIZE
+
+    def _whole(self, data: bytes) -> Answer | None:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            self._read_head(data[:end])
+            start = end + 4
+            if self._state == _LENGTH and len(data) - start == self._left:
+                return self._answer(data[start:])
+            data = data[start:]
+        self._buf += data  # anything else (partial, interim, chunked...): the general parser
+        return self._parse()
 
     def _read_head(self, head: bytes) -> None:
         lines = head.decode("latin-1").split("\r\n")

@@ -283,3 +283,46 @@ async def test_https_verifies_the_server_against_the_trusted_cas(
         assert [(await trusting.post(b"%d" % i, 5)).body for i in range(2)] == [b"secret 0", b"secret 1"]
     finally:
         await runner.cleanup()
+
+
+async def test_answers_in_one_read_in_pieces_after_an_interim_answer_or_with_bytes_after_them(
+    client: MakeClient,
+) -> None:
+    """The parser's one-read path and its general path: an interim 100 and the answer in one read; an answer
+    trickled in pieces (head, then body, split mid-way); an answer with stray bytes after it (not reused)."""
+    whole = answer(b'{"n": 1}')
+    plans: list[list[bytes]] = [
+        [b"HTTP/1.1 100 Continue\r\n\r\n" + whole],
+        [whole[:10], whole[10:-5], whole[-5:]],
+        [whole + b"HTTP/1.1 200 OK\r\n"],
+        [whole],
+    ]
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while plans:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                for piece in plans.pop(0):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        c = client(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/embeddings")
+        bodies = [(await c.post(b"{}", 5)).body for _ in range(4)]
+        assert bodies == [b'{"n": 1}'] * 4
+        assert connections == 2  # the answer with bytes after it was not reused
+    finally:
+        server.close()
+        await server.wait_closed()
