@@ -29,10 +29,13 @@ from .tokens import estimate
 log = logging.getLogger("gateway.upstream")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamResult:
     vectors: list[np.ndarray]
     tokens: int
+    # With `embed(defer_metrics=True)`: the call's figures (model, inputs, seconds of the answered attempt),
+    # published by `UpstreamClient.record` once the callers have their answers.
+    pending: tuple[str, int, float] | None = None
 
 
 class BadAnswer(Exception):
@@ -70,19 +73,33 @@ class UpstreamClient:
     async def close(self) -> None:
         await self._http.close()
 
-    async def embed(self, params: dict[str, Any], items: list[Item], deadline: float) -> UpstreamResult:
-        """One logical call (retried as needed) for `items` with the request's canonical params."""
+    async def embed(
+        self, params: dict[str, Any], items: list[Item], deadline: float, *, defer_metrics: bool = False
+    ) -> UpstreamResult:
+        """One logical call (retried as needed) for `items` with the request's canonical params.
+
+        `defer_metrics=True`: the metrics of the answered attempt are left for the caller to publish with
+        `record(result)` after it has answered its callers (prometheus-client's lock and bucket search per
+        series are ~20 µs that a waiting client need not wait for). Failed attempts are counted at once."""
         body = orjson.dumps({**params, "input": items, self._format_field: "base64"})
         model = str(params.get("model", ""))
         metrics = self.metrics
-        metrics.child(metrics.upstream_batch_inputs, model).observe(len(items))
         tokens = sum(estimate(item) for item in items) if self.pacer is not None else 0
+        try:
+            result = await self._attempts(body, model, len(items), tokens, deadline)
+        except BaseException:
+            metrics.child(metrics.upstream_batch_inputs, model).observe(len(items))  # counted with or without an answer
+            raise
+        if not defer_metrics:
+            self.record(result)
+        return result
+
+    async def _attempts(self, body: bytes, model: str, n: int, tokens: int, deadline: float) -> UpstreamResult:
+        metrics = self.metrics
         attempt = 0
         while True:
             try:
-                result = await self._attempt(body, model, len(items), tokens, deadline)
-                metrics.child(metrics.upstream_tokens, model).inc(result.tokens)
-                return result
+                return await self._attempt(body, model, n, tokens, deadline)
             except _Retryable as exc:
                 attempt += 1
                 delay = self._backoff(attempt, exc.retry_after)
@@ -115,6 +132,18 @@ class UpstreamClient:
                 await self.pacer.acquire(tokens, deadline)
             return await self._post(body, model, n, deadline)
 
+    def record(self, result: UpstreamResult) -> None:
+        """Publishes the metrics `embed(defer_metrics=True)` left in `result` (once)."""
+        if result.pending is None:
+            return
+        model, n, seconds = result.pending
+        result.pending = None
+        metrics = self.metrics
+        metrics.child(metrics.upstream_batch_inputs, model).observe(n)
+        metrics.child(metrics.upstream_calls, model, "200").inc()
+        metrics.child(metrics.upstream_seconds, model).observe(seconds)
+        metrics.child(metrics.upstream_tokens, model).inc(result.tokens)
+
     async def _post(self, body: bytes, model: str, n: int, deadline: float) -> UpstreamResult:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -124,16 +153,23 @@ class UpstreamClient:
         try:
             answer = await self._http.post(body, min(self.config.timeout_s, remaining))
             status = str(answer.status)
-            return self._answer(answer.status, answer.headers, answer.body, n)
+            result = self._answer(answer.status, answer.headers, answer.body, n)
         except TimeoutError:
-            status = "timeout"
+            self._count(model, "timeout", started)
             raise _Retryable("timeout") from None
         except http1.HTTPError as exc:
+            self._count(model, status, started)
             raise _Retryable(f"connection error ({type(exc).__name__})") from None
-        finally:
-            metrics = self.metrics
-            metrics.child(metrics.upstream_calls, model, status).inc()
-            metrics.child(metrics.upstream_seconds, model).observe(time.perf_counter() - started)
+        except BaseException:
+            self._count(model, status, started)
+            raise
+        result.pending = (model, n, time.perf_counter() - started)  # counted by record()
+        return result
+
+    def _count(self, model: str, status: str, started: float) -> None:
+        metrics = self.metrics
+        metrics.child(metrics.upstream_calls, model, status).inc()
+        metrics.child(metrics.upstream_seconds, model).observe(time.perf_counter() - started)
 
     def _answer(self, status: int, headers: dict[str, str], raw: bytes, n: int) -> UpstreamResult:
         """`headers` with lower-case names."""
@@ -203,7 +239,14 @@ def _decode_embedding(value: Any) -> np.ndarray:
     try:
         # strict_mode: only the base64 alphabet, correct padding (what b64decode's validate=True checks with a regex)
         if isinstance(value, str):
-            vec = np.frombuffer(binascii.a2b_base64(value, strict_mode=True), dtype="<f4")
+            raw = binascii.a2b_base64(value, strict_mode=True)
+            vec = np.frombuffer(raw, dtype="<f4")
+            top = raw[3::4]  # each float's sign and 7 high exponent bits
+            if vec.size and b"\x7f" not in top and b"\xff" not in top:
+                # Only a top byte of 0x7f or 0xff can begin an infinity or a NaN: with neither, every value is
+                # finite, known without numpy's isfinite (whose two ufunc calls are the slowest part of a
+                # decode on a CPU that has just woken from an idle wait).
+                return vec
         elif isinstance(value, list) and value and isinstance(value[0], str):
             vec = np.stack([np.frombuffer(binascii.a2b_base64(v, strict_mode=True), dtype="<f4") for v in value])
         else:
