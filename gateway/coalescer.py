@@ -27,6 +27,7 @@ import logging
 import math
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -174,6 +175,9 @@ class Coalescer:
         self._seq = itertools.count()
         self._fair = _FairClock()
         self._slots = upstream_config.limits.max_concurrency
+        # Unit calls (never merged) waiting for a call slot, first come first served; a freed slot goes to them
+        # before batches are formed, so a steady stream of batches cannot starve a unit.
+        self._unit_waiters: deque[asyncio.Future[None]] = deque()
         # A plain Handle is possible: uvloop's call_at runs a callback less than 0.5 ms away as call_soon, and
         # such a Handle has no when(), so the moment it was armed for is kept beside it.
         self._timer: asyncio.Handle | None = None
@@ -463,9 +467,8 @@ class Coalescer:
             if not released:
                 released = True
                 group.inflight -= 1
-                self._slots += 1
                 self._forget(group)
-                self._dispatch()
+                self._free_slot()
 
         try:
             await self._call(group.params, batch, answered=release)
@@ -570,21 +573,51 @@ class Coalescer:
     async def _send_unit(
         self, key: bytes, params: dict[str, Any], items: list[Item], future: asyncio.Future[Entry]
     ) -> None:
-        self.calls += 1
+        slot = False
         try:
+            await self._take_slot()  # a unit counts against upstream.limits.max_concurrency like a batch
+            slot = True
+            self.calls += 1
             result = await self.upstream.embed(params, items, time.monotonic() + self.call_budget_s)
             vectors: list[np.ndarray] = result.vectors
             future.set_result(Entry(vectors=vectors, tokens=result.tokens))
+            slot = False  # answered: the slot is free before the cache write, as a batch's is
+            self._free_slot()
             await self.cache.set_many([(key, encode_unit(vectors, result.tokens))])
         except Exception as exc:
             if not future.done():
                 future.set_exception(exc if isinstance(exc, GatewayError) else UpstreamFailed(repr(exc)))
         finally:
+            if slot:
+                self._free_slot()
             if not future.done():
                 future.set_exception(UpstreamFailed("the upstream call was cancelled"))
             if self._units.get(key) is future:
                 del self._units[key]
             self._count_units(-len(items))
+
+    async def _take_slot(self) -> None:
+        """A call slot for a unit: at once when one is free and no unit waits before it, else in turn."""
+        if self._slots > 0 and not self._unit_waiters:
+            self._slots -= 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unit_waiters.append(turn)
+        try:
+            await turn  # `_free_slot` took the slot for this unit before waking it
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._free_slot()  # woken and cancelled in the same step: hand the slot on
+            raise
+
+    def _free_slot(self) -> None:
+        self._slots += 1
+        while self._slots > 0 and self._unit_waiters:
+            turn = self._unit_waiters.popleft()
+            if not turn.done():
+                self._slots -= 1
+                turn.set_result(None)
+        self._dispatch()
 
     async def close(self) -> None:
         """Sends whatever is queued without waiting, lets every call finish (results are cached), returns."""

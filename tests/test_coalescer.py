@@ -311,6 +311,23 @@ async def test_unit_requests_are_never_merged(rig: Make, params: dict[str, Any])
     assert replies[3].header("X-Cache-Joined") == 2 and replies[3].body == replies[0].body
 
 
+async def test_a_unit_call_holds_a_call_slot_so_batches_keep_growing(rig: Make) -> None:
+    """One call slot, held by a unit (late chunking) in flight: inputs arriving meanwhile wait in the coalescer
+    and leave as one batch when the unit returns, instead of one leaving at once to queue at the upstream client
+    and the rest following in a second call."""
+    r = await rig(upstream={"limits": {"max_concurrency": 1}})
+    unit = ask(r.client, ["alpha", "beta"], late_chunking=True)
+    await r.gate.parked.reach(1)
+    plain = [ask(r.client, [text("plain", i)]) for i in range(3)]
+    await r.probe.registered.reach(3)
+    assert r.coalescer.queued_inputs == 3
+    r.gate.open()
+    replies = await asyncio.gather(unit, *plain)
+    assert [x.status for x in replies] == [200] * 4
+    assert [q["input"] for q in r.sim.requests] == [["alpha", "beta"], [text("plain", i) for i in range(3)]]
+    assert r.coalescer.idle and r.coalescer._slots == 1
+
+
 # ---- token attribution ---------------------------------------------------------------------------------
 
 
