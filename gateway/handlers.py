@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import os
 import time
@@ -121,7 +122,7 @@ async def _embed(
     headers = _cache_headers(hits, misses, joined, outcome.upstream_tokens)
     if not misses and not joined and outcome.keys:  # served whole from the cache (a unit has no keys)
         app[K.REPEATS].put(scope, raw, Replay(model, inputs, hits, outcome.duplicates, outcome.tokens,
-                                              outcome.cached_tokens, tuple(outcome.keys), req.output, headers.copy()))
+                                              outcome.cached_tokens, tuple(outcome.keys), req.output))
     if isinstance(outcome.reservation, Reservation):
         headers.update(outcome.reservation.headers)
     return web.Response(body=payload, headers=headers)
@@ -137,10 +138,16 @@ def _replayed(
     fields["inputs"] = replay.inputs
     _account(app, config, fields, team.name, replay.model, replay.inputs, replay.hits, 0, 0, 0,
              replay.cached_tokens)
-    headers = replay.headers.copy()
+    headers = _hit_headers(replay.hits).copy()
     if isinstance(reservation, Reservation):
         headers.update(reservation.headers)
     return web.Response(body=payload, headers=headers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hit_headers(hits: int) -> dict[str, str]:
+    """The headers of an answer served whole from the cache, one dict per count (copied per answer)."""
+    return _cache_headers(hits, 0, 0, 0)
 
 
 def _cache_headers(hits: int, misses: int, joined: int, upstream_tokens: int) -> dict[str, str]:

@@ -148,7 +148,7 @@ async def test_no_repeats_without_the_hot_tier(gateway: Gateway, parsed: list[in
 
 
 def replay(n_keys: int) -> Replay:
-    return Replay(MODEL, n_keys, n_keys, 0, n_keys, n_keys, tuple(bytes(16) for _ in range(n_keys)), "float", {})
+    return Replay(MODEL, n_keys, n_keys, 0, n_keys, n_keys, tuple(bytes(16) for _ in range(n_keys)), "float")
 
 
 def test_the_memo_is_an_lru_bounded_by_bytes() -> None:
