@@ -120,9 +120,11 @@ async def _embed(
     _account(app, config, fields, team.name, model, inputs, hits, misses, joined, outcome.upstream_tokens,
              outcome.cached_tokens)
     headers = _cache_headers(hits, misses, joined, outcome.upstream_tokens)
-    if not misses and not joined and outcome.keys:  # served whole from the cache (a unit has no keys)
-        app[K.REPEATS].put(scope, raw, Replay(model, inputs, hits, outcome.duplicates, outcome.tokens,
-                                              outcome.cached_tokens, tuple(outcome.keys), req.output))
+    memo = app[K.REPEATS]
+    # Served whole from the cache (a unit has no keys): kept for a repeat, when the memo would keep it.
+    if not misses and not joined and outcome.keys and memo.keeps(raw):
+        memo.put(scope, raw, Replay(model, inputs, hits, outcome.duplicates, outcome.tokens, outcome.cached_tokens,
+                                    tuple(outcome.keys), req.output))
     if isinstance(outcome.reservation, Reservation):
         headers.update(outcome.reservation.headers)
     return web.Response(body=payload, headers=headers)

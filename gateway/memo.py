@@ -60,6 +60,10 @@ class ResponseMemo:
         self._data.move_to_end(key)
         return found[0]
 
+    def keeps(self, body: bytes) -> bool:
+        """Whether a request of this body could be kept (checked before its `Replay` is built)."""
+        return 0 < len(body) <= self.max_body_bytes and len(body) + _OVERHEAD < self.max_bytes
+
     def put(self, scope: str, body: bytes, replay: Replay) -> None:
         if len(body) > self.max_body_bytes:
             return

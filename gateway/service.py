@@ -95,9 +95,9 @@ class EmbeddingService:
                     misses.append(Miss(key, item, estimate(item), i))
                 else:
                     found[key] = entry
-        else:  # all hits, the common case: no per-key branching
+        elif len(unique) != len(keys) or self.admits(team):  # all hits: the map is needed only for these two
             found = dict(zip(unique, entries, strict=True))  # type: ignore[arg-type]  # no None here
-        outcome = Outcome(vectors=[], tokens=0, hits=len(found), duplicates=len(keys) - len(unique))
+        outcome = Outcome(vectors=[], tokens=0, hits=len(unique) - len(misses), duplicates=len(keys) - len(unique))
         if misses:
             if self.admits(team):
                 outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found)

@@ -161,6 +161,8 @@ def test_the_memo_is_an_lru_bounded_by_bytes() -> None:
     memo.put("", b"body-0004x", replay(1))
     assert memo.get("", b"body-0002x") is None and len(memo) == 3 and memo.bytes == 3 * cost
     assert memo.get("team-a", b"body-0001x") is None  # another scope
+    assert memo.keeps(b"y" * 100) and not memo.keeps(b"y" * 101) and not memo.keeps(b"")
+    assert not ResponseMemo(max_bytes=0).keeps(b"{}")  # off
     memo.put("", b"y" * 101, replay(1))  # over max_body_bytes: not kept
     assert memo.get("", b"y" * 101) is None and len(memo) == 3
     memo.clear()
