@@ -214,36 +214,23 @@ class HotCache:
         self._data.move_to_end(key)
         return rendered[0]
 
-    def fragments(self, keys: Sequence[bytes], output: str) -> list[memoryview | None]:
-        """Each key's memoised `embedding` JSON (a view into its whole answer), or None; uses of the keys."""
+    def fragments(self, keys: Sequence[bytes], output: str) -> tuple[list[memoryview | None], int]:
+        """Each key's memoised `embedding` JSON (a view into its whole answer) or None, and how many are None;
+        the found keys are used."""
         data = self._data
         move = data.move_to_end
         out: list[memoryview | None] = []
+        missing = 0
         for key in keys:  # inlined: this runs per input of every request
             hot = data.get(key)
             rendered = None if hot is None else hot.rendered.get(output)
             if rendered is None:
                 out.append(None)
+                missing += 1
             else:
                 move(key)
                 out.append(rendered[1])
-        return out
-
-    def all_fragments(self, keys: Sequence[bytes], output: str) -> list[memoryview] | None:
-        """`fragments` when every one is memoised, else None (and no key is used)."""
-        data = self._data
-        out: list[memoryview] = []
-        append = out.append
-        for key in keys:
-            hot = data.get(key)
-            rendered = None if hot is None else hot.rendered.get(output)
-            if rendered is None:
-                return None
-            append(rendered[1])
-        move = data.move_to_end
-        for key in keys:
-            move(key)
-        return out
+        return out, missing
 
     def remember(self, key: bytes, output: str, solo: bytes, start: int) -> None:
         """Keeps the whole answer to `key` alone in `output`; its fragment is `solo[start:-3]` (before `}]}`).
@@ -377,18 +364,24 @@ class EmbeddingCache:
             return render_body(model, tokens, [render_fragment(vec, output) for vec in vectors])
         if len(keys) == 1:
             solo = hot.solo(keys[0], output)
-            if solo is None:
-                fragment = render_fragment(vectors[0], output)
-                solo = render_body(model, tokens, (fragment,))
-                hot.remember(keys[0], output, solo, len(solo) - len(fragment) - 3)
-            return solo
-        fragments: list[bytes | memoryview | None] = hot.fragments(keys, output)  # type: ignore[assignment]
-        for i, memoised in enumerate(fragments):
-            if memoised is None:
-                fragments[i] = fresh = render_fragment(vectors[i], output)
-                solo = render_body(model, item_tokens[i], (fresh,))
-                hot.remember(keys[i], output, solo, len(solo) - len(fresh) - 3)
+            return solo if solo is not None else self._memoise(hot, keys[0], vectors[0], model, tokens, output)[0]
+        fragments: list[bytes | memoryview | None]
+        fragments, missing = hot.fragments(keys, output)  # type: ignore[assignment]
+        if missing:
+            for i, memoised in enumerate(fragments):
+                if memoised is None:
+                    fragments[i] = self._memoise(hot, keys[i], vectors[i], model, item_tokens[i], output)[1]
         return render_body(model, tokens, fragments)  # type: ignore[arg-type]  # no None is left
+
+    @staticmethod
+    def _memoise(
+        hot: HotCache, key: bytes, vec: np.ndarray, model: str, tokens: int, output: str
+    ) -> tuple[bytes, bytes]:
+        """Renders `vec` alone, keeps its whole answer in the hot tier; returns (the answer, the fragment)."""
+        fragment = render_fragment(vec, output)
+        solo = render_body(model, tokens, (fragment,))
+        hot.remember(key, output, solo, len(solo) - len(fragment) - 3)
+        return solo, fragment
 
     def hot_answer(self, model: str, tokens: int, keys: Sequence[bytes], output: str) -> bytes | None:
         """The response body from memoised renderings alone, or None when one of them is no longer hot."""
@@ -397,5 +390,5 @@ class EmbeddingCache:
             return None
         if len(keys) == 1:
             return hot.solo(keys[0], output)
-        fragments = hot.all_fragments(keys, output)
-        return None if fragments is None else render_body(model, tokens, fragments)
+        fragments, missing = hot.fragments(keys, output)
+        return None if missing else render_body(model, tokens, fragments)  # type: ignore[arg-type]  # no None
