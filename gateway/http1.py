@@ -171,13 +171,9 @@ class _Connection(asyncio.Protocol):
         while True:
             state = self._state
             if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD_BYTES:
-                        raise BadAnswer("answer head too large")
+                head = _take(buf, b"\r\n\r\n", "answer head")
+                if head is None:
                     return None
-                head = bytes(buf[:end])
-                del buf[: end + 4]
                 self._read_head(head)
             elif state == _LENGTH:
                 if len(buf) < self._left:
@@ -190,13 +186,9 @@ class _Connection(asyncio.Protocol):
                     raise BadAnswer("answer body too large")
                 return None
             elif state in (_CHUNK_SIZE, _TRAILER):
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD_BYTES:
-                        raise BadAnswer("chunk header too large")
+                line = _take(buf, b"\r\n", "chunk header")
+                if line is None:
                     return None
-                line = bytes(buf[:end])
-                del buf[: end + 2]
                 if state == _TRAILER:
                     if not line:
                         return self._answer(bytes(self._body))
@@ -385,3 +377,16 @@ class Client:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await asyncio.gather(*(c.lost for c in conns))
+
+
+def _take(buf: bytearray, end_mark: bytes, what: str) -> bytes | None:
+    """What `buf` holds before `end_mark` (both taken out of it), or None until the mark arrives; a part
+    longer than MAX_HEAD_BYTES without it is a bad answer."""
+    end = buf.find(end_mark)
+    if end < 0:
+        if len(buf) > MAX_HEAD_BYTES:
+            raise BadAnswer(f"{what} too large")
+        return None
+    part = bytes(buf[:end])
+    del buf[: end + len(end_mark)]
+    return part
