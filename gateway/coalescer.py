@@ -515,16 +515,15 @@ class Coalescer:
         if answered is not None:
             answered()
         try:
-            # Let the callers answer their clients before this task spends time on the call's metrics and on
-            # encoding the entries (tens of µs per vector: a big batch's encoding would otherwise come before
-            # every answer). Their tasks were woken above, so they run in the next iteration, ahead of this one.
+            # Let the callers answer their clients before this task spends time encoding the entries (tens of
+            # µs per vector: a big batch's encoding would otherwise come before every answer) and recording the
+            # call's metrics. Their tasks were woken above, so they run in the next iteration, ahead of this one.
             await asyncio.sleep(0)
-            self.upstream.record(result)
             writes = [(p.miss.key, encode(vec, tokens))
                       for p, vec, tokens in zip(batch, result.vectors, shares, strict=True)]
             await self.cache.set_many(writes)
         finally:
-            self.upstream.record(result)  # done already unless cancelled above
+            self.upstream.record(result)
             self._land(batch)
 
     async def _isolate(self, params: dict[str, Any], batch: list[_Pending], exc: UpstreamRejected) -> None:
