@@ -54,8 +54,11 @@ async def read_body(request: web.Request) -> bytes:
     """
     limits = request.app[K.LIVE].config.limits
     body = body_now(request, limits)
-    if body is not None:
-        return body
+    return body if body is not None else await _read_rest(request, limits)
+
+
+async def _read_rest(request: web.Request, limits: cfg.Limits) -> bytes:
+    """The body `body_now` did not have whole, read within the request deadline."""
     limit = limits.max_body_bytes
     try:
         async with asyncio.timeout(limits.request_timeout_s):
@@ -78,7 +81,7 @@ async def embeddings(request: web.Request) -> web.Response:
     try:
         raw = body_now(request, config.limits)
         if raw is None:
-            raw = await read_body(request)
+            raw = await _read_rest(request, config.limits)
         max_inputs = config.limits.max_inputs_per_request
         if team.max_inputs_per_request is not None:
             max_inputs = min(max_inputs, team.max_inputs_per_request)
