@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from .protocol import EmbeddingRequest, Item, canonical_item, render_body, render_fragment
+from .protocol import EmbeddingRequest, Item, canonical_item, render_body, render_fragment, render_parts
 from .store import CacheStore
 
 log = logging.getLogger("gateway.cache")
+
+Buffer = bytes | memoryview
 
 VERSION = 1
 # version, flags, rows (0 = one vector; n = n rows of a multivector / n vectors of a unit), tokens
@@ -355,23 +357,23 @@ class EmbeddingCache:
     def answer(
         self, model: str, tokens: int, keys: Sequence[bytes], vectors: Sequence[np.ndarray],
         item_tokens: Sequence[int], output: str,
-    ) -> bytes:
-        """The response body for `vectors` (keys[i] and item_tokens[i] are vectors[i]'s; a unit has no keys).
-        A hot entry's rendering is made once per output format and reused; one hot input's answer is reused
-        whole."""
+    ) -> list[Buffer]:
+        """The response body for `vectors`, as pieces to send in order (keys[i] and item_tokens[i] are
+        vectors[i]'s; a unit has no keys). A hot entry's rendering is made once per output format and reused;
+        one hot input's answer is reused whole."""
         hot = self.hot
         if hot is None or len(keys) != len(vectors):
-            return render_body(model, tokens, [render_fragment(vec, output) for vec in vectors])
+            return render_parts(model, tokens, [render_fragment(vec, output) for vec in vectors])
         if len(keys) == 1:
             solo = hot.solo(keys[0], output)
-            return solo if solo is not None else self._memoise(hot, keys[0], vectors[0], model, tokens, output)[0]
-        fragments: list[bytes | memoryview | None]
+            return [solo if solo is not None else self._memoise(hot, keys[0], vectors[0], model, tokens, output)[0]]
+        fragments: list[Buffer | None]
         fragments, missing = hot.fragments(keys, output)  # type: ignore[assignment]
         if missing:
             for i, memoised in enumerate(fragments):
                 if memoised is None:
                     fragments[i] = self._memoise(hot, keys[i], vectors[i], model, item_tokens[i], output)[1]
-        return render_body(model, tokens, fragments)  # type: ignore[arg-type]  # no None is left
+        return render_parts(model, tokens, fragments)  # type: ignore[arg-type]  # no None is left
 
     @staticmethod
     def _memoise(
@@ -383,12 +385,14 @@ class EmbeddingCache:
         hot.remember(key, output, solo, len(solo) - len(fragment) - 3)
         return solo, fragment
 
-    def hot_answer(self, model: str, tokens: int, keys: Sequence[bytes], output: str) -> bytes | None:
-        """The response body from memoised renderings alone, or None when one of them is no longer hot."""
+    def hot_answer(self, model: str, tokens: int, keys: Sequence[bytes], output: str) -> list[Buffer] | None:
+        """The response body's pieces from memoised renderings alone, or None when one of them is no longer
+        hot."""
         hot = self.hot
         if hot is None:
             return None
         if len(keys) == 1:
-            return hot.solo(keys[0], output)
+            solo = hot.solo(keys[0], output)
+            return None if solo is None else [solo]
         fragments, missing = hot.fragments(keys, output)
-        return None if missing else render_body(model, tokens, fragments)  # type: ignore[arg-type]  # no None
+        return None if missing else render_parts(model, tokens, fragments)  # type: ignore[arg-type]  # no None

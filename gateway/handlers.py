@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from . import appkeys as K
 from . import config as cfg
 from . import openapi as openapi_doc
+from .answer import Buffer, JsonAnswer, header_lines
 from .auth import Principal
 from .errors import Forbidden, GatewayError, PayloadTooLarge, RequestTimeout, StateUnavailable
 from .memo import Replay
@@ -69,7 +70,7 @@ async def _read_rest(request: web.Request, limits: cfg.Limits) -> bytes:
         raise RequestTimeout(f"request body not received within {limits.request_timeout_s:g}s") from None
 
 
-async def embeddings(request: web.Request) -> web.Response:
+async def embeddings(request: web.Request) -> web.StreamResponse:
     # This runs for every request: one coroutine for an exact repeat (the common case), the parts looked up
     # once and passed on.
     team = principal_of(request).team
@@ -106,7 +107,7 @@ async def embeddings(request: web.Request) -> web.Response:
 async def _embed(
     request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, raw: bytes, max_inputs: int,
     scope: str, started: float,
-) -> web.Response:
+) -> JsonAnswer:
     """The full path: decode, validate, look up each input, fetch the misses."""
     req = parse_embedding_request(parse_json_object(raw), max_inputs=max_inputs)
     model, inputs = req.model, len(req.items)
@@ -122,47 +123,42 @@ async def _embed(
     hits, misses, joined = outcome.hits, outcome.misses, outcome.joined
     _account(app, config, fields, team.name, model, inputs, hits, misses, joined, outcome.upstream_tokens,
              outcome.cached_tokens)
-    headers = _cache_headers(hits, misses, joined, outcome.upstream_tokens)
+    response = JsonAnswer(payload, _cache_headers(hits, misses, joined, outcome.upstream_tokens))
     memo = app[K.REPEATS]
     # Served whole from the cache (a unit has no keys): kept for a repeat, when the memo would keep it.
     if not misses and not joined and outcome.keys and memo.keeps(raw):
         memo.put(scope, raw, Replay(model, inputs, hits, outcome.duplicates, outcome.tokens, outcome.cached_tokens,
                                     tuple(outcome.keys), req.output))
     if isinstance(outcome.reservation, Reservation):
-        headers.update(outcome.reservation.headers)
-    return web.Response(body=payload, headers=headers)
+        response.headers.update(outcome.reservation.headers)
+    return response
 
 
 def _replayed(
-    request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, replay: Replay, payload: bytes,
-    reservation: object,
-) -> web.Response:
+    request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, replay: Replay,
+    payload: list[Buffer], reservation: object,
+) -> JsonAnswer:
     """An exact repeat of an all-hit request, admitted: the answer, with this request's accounting."""
     fields = request[K.LOG_FIELDS]
     fields["model"] = replay.model
     fields["inputs"] = replay.inputs
     _account(app, config, fields, team.name, replay.model, replay.inputs, replay.hits, 0, 0, 0,
              replay.cached_tokens)
-    headers = _hit_headers(replay.hits).copy()
+    response = JsonAnswer(payload, _cache_headers(replay.hits, 0, 0, 0))
     if isinstance(reservation, Reservation):
-        headers.update(reservation.headers)
-    return web.Response(body=payload, headers=headers)
+        response.headers.update(reservation.headers)
+    return response
 
 
 @functools.lru_cache(maxsize=4096)
-def _hit_headers(hits: int) -> dict[str, str]:
-    """The headers of an answer served whole from the cache, one dict per count (copied per answer)."""
-    return _cache_headers(hits, 0, 0, 0)
-
-
-def _cache_headers(hits: int, misses: int, joined: int, upstream_tokens: int) -> dict[str, str]:
-    return {
-        "Content-Type": "application/json",
+def _cache_headers(hits: int, misses: int, joined: int, upstream_tokens: int) -> bytes:
+    """The answer's cache headers, rendered once per combination of counts (all-hit answers share a few)."""
+    return header_lines({
         "X-Cache-Hits": str(hits),
         "X-Cache-Misses": str(misses),
         "X-Cache-Joined": str(joined),
         "X-Upstream-Tokens": str(upstream_tokens),
-    }
+    })
 
 
 def _account(

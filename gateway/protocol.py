@@ -153,14 +153,19 @@ def render_body(model: str, tokens: int, fragments: Sequence[bytes | memoryview]
     """Splices rendered `embedding` values into the upstream's response shape, byte for byte what orjson
     emits for `{"model", "object", "usage", "data": [{"object", "index", "embedding"}]}`: no dict per vector,
     and one copy of the (possibly large) fragments."""
+    return b"".join(render_parts(model, tokens, fragments))
+
+
+def render_parts(model: str, tokens: int, fragments: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """`render_body`'s pieces, not joined: the fragments themselves (no copy) between the JSON around them."""
     head = b'{"model":%b,"object":"list","usage":{"total_tokens":%d,"prompt_tokens":%d},"data":[' % (
         orjson.dumps(model), tokens, tokens)
     n = len(fragments)
     openers = _OPENERS if n <= len(_OPENERS) else [_opener(i) for i in range(n)]
     # Each item is opener, fragment, "}": interleaved by zip/chain, so no Python loop runs per item.
-    # (openers may be longer than fragments: zip stops at the shortest.) One join, so one copy of the whole.
+    # (openers may be longer than fragments: zip stops at the shortest.)
     items = chain.from_iterable(zip(openers, fragments, repeat(b"}", n), strict=False))
-    return b"".join(chain((head,), items, (b"]}",)))
+    return [head, *items, b"]}"]
 
 
 def _opener(i: int) -> bytes:
