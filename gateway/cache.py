@@ -13,7 +13,7 @@ import logging
 import struct
 import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -158,12 +158,18 @@ class HotCache:
 
     Entries are immutable and content-addressed, so nothing here is ever invalidated. The bound counts each
     vector's bytes, each memoised rendering's bytes and a fixed per-entry overhead.
+
+    Renderings live in tables of their own, one per output format (key → whole answer, key → fragment view),
+    beside the LRU: a many-input answer looks its fragments up with one `map` over one dict, instead of
+    following entry → renderings → tuple per input in Python.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._data: OrderedDict[bytes, _Hot] = OrderedDict()
+        self._solos: dict[str, dict[bytes, bytes]] = {}  # output → key → the whole answer of the key alone
+        self._views: dict[str, dict[bytes, memoryview]] = {}  # output → key → its `embedding` JSON, a view
 
     def __len__(self) -> int:
         return len(self._data)
@@ -201,65 +207,76 @@ class HotCache:
         cost = _HOT_OVERHEAD + sum(v.nbytes for v in vectors)
         if cost > self.max_bytes:
             return
-        self._data[key] = _Hot(entry, {}, cost)
+        self._data[key] = _Hot(entry, (), cost)
         self.bytes += cost
         self._shrink()
 
     def solo(self, key: bytes, output: str) -> bytes | None:
         """The memoised whole answer to a request of this one input in `output` (a use of the key)."""
-        hot = self._data.get(key)
-        if hot is None:
-            return None
-        rendered = hot.rendered.get(output)
-        if rendered is None:
-            return None
-        self._data.move_to_end(key)
-        return rendered[0]
+        solos = self._solos.get(output)
+        solo = None if solos is None else solos.get(key)
+        if solo is not None:
+            self._data.move_to_end(key)
+        return solo
 
     def fragments(self, keys: Sequence[bytes], output: str) -> tuple[list[memoryview | None], int]:
         """Each key's memoised `embedding` JSON (a view into its whole answer) or None, and how many are None;
         the found keys are used."""
-        data = self._data
-        move = data.move_to_end
-        out: list[memoryview | None] = []
+        views = self._views.get(output)
+        if views is None:
+            return [None] * len(keys), len(keys)
+        found: list[memoryview | None] = list(map(views.get, keys))
+        # Both passes run in C, with no Python loop. (`found.count(None)` would compare each view with None:
+        # a memoryview's comparison asks None for a buffer, and raises and clears a TypeError each time.)
+        if all(map(views.__contains__, keys)):
+            deque(map(self._data.move_to_end, keys), maxlen=0)  # every key used
+            return found, 0
+        move = self._data.move_to_end
         missing = 0
-        for key in keys:  # inlined: this runs per input of every request
-            hot = data.get(key)
-            rendered = None if hot is None else hot.rendered.get(output)
-            if rendered is None:
-                out.append(None)
+        for key, view in zip(keys, found, strict=True):
+            if view is None:
                 missing += 1
             else:
                 move(key)
-                out.append(rendered[1])
-        return out, missing
+        return found, missing
 
     def remember(self, key: bytes, output: str, solo: bytes, start: int) -> None:
         """Keeps the whole answer to `key` alone in `output`; its fragment is `solo[start:-3]` (before `}]}`).
         An entry no longer resident is not brought back."""
         hot = self._data.get(key)
-        if hot is None or output in hot.rendered:
+        if hot is None or output in hot.outputs:
             return
         self._data.move_to_end(key)
+        self._solos.setdefault(output, {})[key] = solo
         # The fragment's view is made once here: slicing per use would cost more than the lookup.
-        hot.rendered[output] = (solo, memoryview(solo)[start:-3])
+        self._views.setdefault(output, {})[key] = memoryview(solo)[start:-3]
+        hot.outputs += (output,)
         cost = len(solo) + _VIEW_OVERHEAD
         hot.cost += cost
         self.bytes += cost
         self._shrink()
 
+    def clear(self) -> None:
+        self._data.clear()
+        self._solos.clear()
+        self._views.clear()
+        self.bytes = 0
+
     def _shrink(self) -> None:
         while self.bytes > self.max_bytes and self._data:
-            _, old = self._data.popitem(last=False)
+            key, old = self._data.popitem(last=False)
             self.bytes -= old.cost
+            for output in old.outputs:
+                del self._solos[output][key]
+                del self._views[output][key]
 
 
 @dataclass(slots=True)
 class _Hot:
     entry: Entry
-    # output → the whole answer to a request of this input alone, and where its `embedding` JSON starts: a
-    # repeated single-input request is answered with it as it is, and a many-input answer splices the slice.
-    rendered: dict[str, tuple[bytes, memoryview]]
+    # The output formats it has a memoised rendering in (`HotCache._solos` / `_views` hold them): a repeated
+    # single-input request is answered with the whole answer as it is, and a many-input answer splices views.
+    outputs: tuple[str, ...]
     cost: int
 
 

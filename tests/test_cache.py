@@ -236,6 +236,13 @@ def test_hot_cache_is_an_lru_bounded_by_bytes_renderings_included() -> None:
     assert hot.solo(b"b", "float") is None and hot.bytes == 2 * cost + 100 + 200
     views, missing = hot.fragments([b"a", b"a"], "float")
     assert [bytes(f) for f in views if f is not None] == [b"x" * 96] * 2 and missing == 0
+    # Fragment lookups are uses too (d, a): a new entry evicts d, then another evicts a, rendering and all.
+    hot.fragments([b"d", b"a"], "float")
+    hot.put(b"b", entries[b"b"])
+    assert hot.get(b"d") is None and len(hot) == 2  # a, b
+    hot.put(b"c", entries[b"c"])
+    assert hot.get(b"a") is None and hot.solo(b"a", "float") is None
+    assert hot.fragments([b"a", b"b"], "float")[1] == 2 and len(hot) == 2 and hot.bytes == 2 * cost
     tiny = HotCache(100)  # an entry bigger than the whole bound is not kept
     tiny.put(b"a", entries[b"a"])
     assert len(tiny) == 0 and tiny.bytes == 0

@@ -119,8 +119,7 @@ async def test_a_repeat_whose_entry_left_the_hot_tier_takes_the_full_path(
     await post(client, body)
     hot = client.app[K.CACHE].hot
     assert hot is not None
-    hot._data.clear()  # as if evicted by other traffic
-    hot.bytes = 0
+    hot.clear()  # as if evicted by other traffic
     status, headers, raw = await post(client, body)  # from Redis again, by the full path
     assert status == 200 and headers["X-Cache-Hits"] == "1" and parsed[0] == 3
     assert raw == await upstream_answer(sim, orjson.loads(body)) and sim.calls == 1
