@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from .protocol import EmbeddingRequest, Item, canonical_item, render_body, render_fragment, render_parts
+from .protocol import SOLO_END, EmbeddingRequest, Item, canonical_item, render_fragment, render_parts, render_solo
 from .store import CacheStore
 
 log = logging.getLogger("gateway.cache")
@@ -159,17 +159,19 @@ class HotCache:
     Entries are immutable and content-addressed, so nothing here is ever invalidated. The bound counts each
     vector's bytes, each memoised rendering's bytes and a fixed per-entry overhead.
 
-    Renderings live in tables of their own, one per output format (key → whole answer, key → fragment view),
-    beside the LRU: a many-input answer looks its fragments up with one `map` over one dict, instead of
-    following entry → renderings → tuple per input in Python.
+    Renderings live in tables of their own, one per output format, beside the LRU: key → the input's
+    `embedding` JSON (its fragment), and key → the JSON before it in an answer to that input alone. A
+    many-input answer looks its fragments up with one `map` over one dict; a single-input answer is those two
+    and a constant end. The pieces are bytes, never views: the transport takes bytes as they are, where each
+    view would cost it two new objects.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._data: OrderedDict[bytes, _Hot] = OrderedDict()
-        self._solos: dict[str, dict[bytes, bytes]] = {}  # output → key → the whole answer of the key alone
-        self._views: dict[str, dict[bytes, memoryview]] = {}  # output → key → its `embedding` JSON, a view
+        self._heads: dict[str, dict[bytes, bytes]] = {}  # output → key → the answer to the key alone, up to...
+        self._fragments: dict[str, dict[bytes, bytes]] = {}  # ...output → key → its `embedding` JSON
 
     def __len__(self) -> int:
         return len(self._data)
@@ -211,24 +213,22 @@ class HotCache:
         self.bytes += cost
         self._shrink()
 
-    def solo(self, key: bytes, output: str) -> bytes | None:
-        """The memoised whole answer to a request of this one input in `output` (a use of the key)."""
-        solos = self._solos.get(output)
-        solo = None if solos is None else solos.get(key)
-        if solo is not None:
-            self._data.move_to_end(key)
-        return solo
+    def solo(self, key: bytes, output: str) -> list[Buffer] | None:
+        """The memoised answer to a request of this one input in `output`, in pieces (a use of the key)."""
+        heads = self._heads.get(output)
+        head = None if heads is None else heads.get(key)
+        if head is None:
+            return None
+        self._data.move_to_end(key)
+        return [head, self._fragments[output][key], SOLO_END]
 
-    def fragments(self, keys: Sequence[bytes], output: str) -> tuple[list[memoryview | None], int]:
-        """Each key's memoised `embedding` JSON (a view into its whole answer) or None, and how many are None;
-        the found keys are used."""
-        views = self._views.get(output)
-        if views is None:
+    def fragments(self, keys: Sequence[bytes], output: str) -> tuple[list[bytes | None], int]:
+        """Each key's memoised `embedding` JSON or None, and how many are None; the found keys are used."""
+        table = self._fragments.get(output)
+        if table is None:
             return [None] * len(keys), len(keys)
-        found: list[memoryview | None] = list(map(views.get, keys))
-        # Both passes run in C, with no Python loop. (`found.count(None)` would compare each view with None:
-        # a memoryview's comparison asks None for a buffer, and raises and clears a TypeError each time.)
-        if all(map(views.__contains__, keys)):
+        found = list(map(table.get, keys))
+        if all(map(table.__contains__, keys)):  # both passes in C, with no Python loop
             deque(map(self._data.move_to_end, keys), maxlen=0)  # every key used
             return found, 0
         move = self._data.move_to_end
@@ -240,26 +240,25 @@ class HotCache:
                 move(key)
         return found, missing
 
-    def remember(self, key: bytes, output: str, solo: bytes, start: int) -> None:
-        """Keeps the whole answer to `key` alone in `output`; its fragment is `solo[start:-3]` (before `}]}`).
-        An entry no longer resident is not brought back."""
+    def remember(self, key: bytes, output: str, head: bytes, fragment: bytes) -> None:
+        """Keeps `key`'s rendering in `output`: its fragment, and what comes before it in an answer to `key`
+        alone (`render_solo`). An entry no longer resident is not brought back."""
         hot = self._data.get(key)
         if hot is None or output in hot.outputs:
             return
         self._data.move_to_end(key)
-        self._solos.setdefault(output, {})[key] = solo
-        # The fragment's view is made once here: slicing per use would cost more than the lookup.
-        self._views.setdefault(output, {})[key] = memoryview(solo)[start:-3]
+        self._heads.setdefault(output, {})[key] = head
+        self._fragments.setdefault(output, {})[key] = fragment
         hot.outputs += (output,)
-        cost = len(solo) + _VIEW_OVERHEAD
+        cost = len(head) + len(fragment) + _VIEW_OVERHEAD
         hot.cost += cost
         self.bytes += cost
         self._shrink()
 
     def clear(self) -> None:
         self._data.clear()
-        self._solos.clear()
-        self._views.clear()
+        self._heads.clear()
+        self._fragments.clear()
         self.bytes = 0
 
     def _shrink(self) -> None:
@@ -267,22 +266,21 @@ class HotCache:
             key, old = self._data.popitem(last=False)
             self.bytes -= old.cost
             for output in old.outputs:
-                del self._solos[output][key]
-                del self._views[output][key]
+                del self._heads[output][key]
+                del self._fragments[output][key]
 
 
 @dataclass(slots=True)
 class _Hot:
     entry: Entry
-    # The output formats it has a memoised rendering in (`HotCache._solos` / `_views` hold them): a repeated
-    # single-input request is answered with the whole answer as it is, and a many-input answer splices views.
+    # The output formats it has a memoised rendering in (`HotCache._heads` / `_fragments` hold them).
     outputs: tuple[str, ...]
     cost: int
 
 
 # Bytes a hot entry costs beyond its vectors: the key, the record, the dict slot and the array header.
 _HOT_OVERHEAD = 400
-_VIEW_OVERHEAD = 200  # a rendering's record and the view of its fragment
+_VIEW_OVERHEAD = 200  # a rendering's two bytes objects and their table slots
 
 
 class EmbeddingCache:
@@ -376,16 +374,14 @@ class EmbeddingCache:
         item_tokens: Sequence[int], output: str,
     ) -> list[Buffer]:
         """The response body for `vectors`, as pieces to send in order (keys[i] and item_tokens[i] are
-        vectors[i]'s; a unit has no keys). A hot entry's rendering is made once per output format and reused;
-        one hot input's answer is reused whole."""
+        vectors[i]'s; a unit has no keys). A hot entry's rendering is made once per output format and reused."""
         hot = self.hot
         if hot is None or len(keys) != len(vectors):
             return render_parts(model, tokens, [render_fragment(vec, output) for vec in vectors])
         if len(keys) == 1:
             solo = hot.solo(keys[0], output)
-            return [solo if solo is not None else self._memoise(hot, keys[0], vectors[0], model, tokens, output)[0]]
-        fragments: list[Buffer | None]
-        fragments, missing = hot.fragments(keys, output)  # type: ignore[assignment]
+            return solo if solo is not None else list(self._memoise(hot, keys[0], vectors[0], model, tokens, output))
+        fragments, missing = hot.fragments(keys, output)
         if missing:
             for i, memoised in enumerate(fragments):
                 if memoised is None:
@@ -395,12 +391,11 @@ class EmbeddingCache:
     @staticmethod
     def _memoise(
         hot: HotCache, key: bytes, vec: np.ndarray, model: str, tokens: int, output: str
-    ) -> tuple[bytes, bytes]:
-        """Renders `vec` alone, keeps its whole answer in the hot tier; returns (the answer, the fragment)."""
-        fragment = render_fragment(vec, output)
-        solo = render_body(model, tokens, (fragment,))
-        hot.remember(key, output, solo, len(solo) - len(fragment) - 3)
-        return solo, fragment
+    ) -> tuple[bytes, bytes, bytes]:
+        """Renders `vec` alone and keeps it in the hot tier; returns the answer to it alone, in three pieces."""
+        solo = render_solo(model, tokens, render_fragment(vec, output))
+        hot.remember(key, output, solo[0], solo[1])
+        return solo
 
     def hot_answer(self, model: str, tokens: int, keys: Sequence[bytes], output: str) -> list[Buffer] | None:
         """The response body's pieces from memoised renderings alone, or None when one of them is no longer
@@ -409,7 +404,6 @@ class EmbeddingCache:
         if hot is None:
             return None
         if len(keys) == 1:
-            solo = hot.solo(keys[0], output)
-            return None if solo is None else [solo]
+            return hot.solo(keys[0], output)
         fragments, missing = hot.fragments(keys, output)
         return None if missing else render_parts(model, tokens, fragments)  # type: ignore[arg-type]  # no None

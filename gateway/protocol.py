@@ -158,14 +158,26 @@ def render_body(model: str, tokens: int, fragments: Sequence[bytes | memoryview]
 
 def render_parts(model: str, tokens: int, fragments: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
     """`render_body`'s pieces, not joined: the fragments themselves (no copy) between the JSON around them."""
-    head = b'{"model":%b,"object":"list","usage":{"total_tokens":%d,"prompt_tokens":%d},"data":[' % (
-        orjson.dumps(model), tokens, tokens)
+    head = _head(model, tokens)
     n = len(fragments)
     openers = _OPENERS if n <= len(_OPENERS) else [_opener(i) for i in range(n)]
     # Each item is opener, fragment, "}": interleaved by zip/chain, so no Python loop runs per item.
     # (openers may be longer than fragments: zip stops at the shortest.)
     items = chain.from_iterable(zip(openers, fragments, repeat(b"}", n), strict=False))
     return [head, *items, b"]}"]
+
+
+def render_solo(model: str, tokens: int, fragment: bytes) -> tuple[bytes, bytes, bytes]:
+    """`render_parts` of one fragment in three pieces: all before it, itself, all after it."""
+    return _head(model, tokens) + _OPENERS[0], fragment, SOLO_END
+
+
+SOLO_END = b"}]}"
+
+
+def _head(model: str, tokens: int) -> bytes:
+    return b'{"model":%b,"object":"list","usage":{"total_tokens":%d,"prompt_tokens":%d},"data":[' % (
+        orjson.dumps(model), tokens, tokens)
 
 
 def _opener(i: int) -> bytes:

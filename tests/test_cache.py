@@ -224,18 +224,18 @@ def test_hot_cache_is_an_lru_bounded_by_bytes_renderings_included() -> None:
     assert hot.get(b"a") is entries[b"a"]  # recency now: b, c, a
     hot.put(b"d", entries[b"d"])  # b goes: c, a, d
     assert hot.get(b"b") is None and len(hot) == 3 and hot.bytes == 3 * cost
-    answer = b"{" + b"x" * 96 + b"}]}"  # a whole answer; its fragment is [1:-3]
-    hot.remember(b"a", "float", answer, 1)  # a rendering is a use and counts too: c goes; d, a
-    assert hot.solo(b"a", "float") is answer
+    head, fragment = b"{" * 4, b"x" * 96  # what precedes the fragment in an answer to a alone, and the fragment
+    hot.remember(b"a", "float", head, fragment)  # a rendering is a use and counts too: c goes; d, a
+    assert hot.solo(b"a", "float") == [head, fragment, b"}]}"]
     assert hot.get(b"c") is None and hot.get(b"d") is entries[b"d"]
-    assert len(hot) == 2 and hot.bytes == 2 * cost + 100 + 200  # the answer and its record
+    assert len(hot) == 2 and hot.bytes == 2 * cost + 100 + 200  # the rendering and its record
     views, missing = hot.fragments([b"a", b"d"], "float")
-    assert [bytes(f) if f is not None else None for f in views] == [b"x" * 96, None] and missing == 1
+    assert views == [fragment, None] and missing == 1
     assert hot.solo(b"a", "base64") is None
-    hot.remember(b"b", "float", b"{y}]}", 1)  # b is not resident: nothing is kept for it
+    hot.remember(b"b", "float", b"{", b"y")  # b is not resident: nothing is kept for it
     assert hot.solo(b"b", "float") is None and hot.bytes == 2 * cost + 100 + 200
     views, missing = hot.fragments([b"a", b"a"], "float")
-    assert [bytes(f) for f in views if f is not None] == [b"x" * 96] * 2 and missing == 0
+    assert views == [fragment] * 2 and missing == 0
     # Fragment lookups are uses too (d, a): a new entry evicts d, then another evicts a, rendering and all.
     hot.fragments([b"d", b"a"], "float")
     hot.put(b"b", entries[b"b"])
