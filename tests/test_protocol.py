@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gateway.protocol import render_body, render_embeddings, render_fragment, render_vector
+from gateway.protocol import render_body, render_embeddings, render_fragment, render_parts, render_solo, render_vector
 
 finite_f32 = hnp.from_dtype(np.dtype("<f4"), allow_nan=False, allow_infinity=False)
 shapes = st.integers(1, 64) | st.tuples(st.integers(1, 4), st.integers(1, 16))
@@ -46,3 +46,10 @@ def test_fragments_render_views_and_big_endian_arrays_like_contiguous_little_end
             assert render_fragment(vec, output) == render_fragment(contiguous, output)
     empty = b'{"model":"m","object":"list","usage":{"total_tokens":3,"prompt_tokens":3},"data":[]}'
     assert render_body("m", 3, []) == empty
+
+
+def test_the_pieces_of_an_answer_join_to_the_answer() -> None:
+    vecs = [np.arange(4, dtype="<f4") + i for i in range(3)]
+    fragments = [render_fragment(v, "float") for v in vecs]
+    assert b"".join(render_parts("m", 9, fragments)) == render_embeddings("m", vecs, 9, "float")
+    assert b"".join(render_solo("m", 3, fragments[0])) == render_embeddings("m", vecs[:1], 3, "float")
