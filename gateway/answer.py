@@ -81,7 +81,8 @@ class JsonAnswer(web.StreamResponse):
             transport.writelines((headers + b"\r\n", *parts))
         else:
             transport.write(b"".join((headers, b"\r\n", *parts)))
-        await writer.drain()  # as write_eof() would: wait while the client is slower than we write
+        if transport.get_write_buffer_size():  # what the socket did not take at once
+            await writer.drain()  # as write_eof() would: wait while the client is slower than we write
         return writer
 
 
