@@ -29,13 +29,17 @@ Buffer = bytes | memoryview
 
 
 def header_lines(headers: Mapping[str, str]) -> bytes:
+    """`Name: value\r\n` per header (see `_lines`)."""
+    return _lines(headers).encode("utf-8", "surrogateescape")
+
+
+def _lines(headers: Mapping[str, str]) -> str:
     """`Name: value\r\n` per header. A CR or LF inside a name or value would split the header block: refused,
     as aiohttp's own serialiser does (one count over the whole text instead of a test per header)."""
     text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
     if text.count("\n") != len(headers) or text.count("\r") != len(headers):
         raise ValueError("a header name or value holds a CR or LF")
-    # aiohttp decodes request headers as UTF-8 with surrogateescape: an echoed value goes back as it came.
-    return text.encode("utf-8", "surrogateescape")
+    return text
 
 
 class JsonAnswer(web.StreamResponse):
@@ -60,27 +64,27 @@ class JsonAnswer(web.StreamResponse):
         version = request.version
         parts = self._parts
         size = sum(map(len, parts))
+        # aiohttp's rule: say keep-alive where 1.0 would close by default, close where 1.1 would keep it.
+        if keep_alive:
+            connection = "Connection: keep-alive\r\n" if version == HttpVersion10 else ""
+        else:
+            connection = "Connection: close\r\n" if version == HttpVersion11 else ""
+        lines = _lines(self._headers) if self._headers else ""
+        # One text, encoded once. aiohttp decodes request headers as UTF-8 with surrogateescape, so an echoed
+        # value (the request id) goes back as its bytes came.
         head = (
             f"HTTP/{version.major}.{version.minor} 200 OK\r\nContent-Type: application/json\r\n"
             f"Content-Length: {size}\r\nDate: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n"
-        )
-        # aiohttp's rule: say keep-alive where 1.0 would close by default, close where 1.1 would keep it.
-        if keep_alive:
-            if version == HttpVersion10:
-                head += "Connection: keep-alive\r\n"
-        elif version == HttpVersion11:
-            head += "Connection: close\r\n"
-        headers = head.encode("latin-1") + self._fixed
-        if self._headers:
-            headers += header_lines(self._headers)
+            f"{connection}{lines}"
+        ).encode("utf-8", "surrogateescape")
         transport: Any = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
         self._eof_sent = True  # finish_response's write_eof() then has nothing to do
         if _gathers(transport):
-            transport.writelines((headers + b"\r\n", *parts))
+            transport.writelines((head, self._fixed, b"\r\n", *parts))
         else:
-            transport.write(b"".join((headers, b"\r\n", *parts)))
+            transport.write(b"".join((head, self._fixed, b"\r\n", *parts)))
         if transport.get_write_buffer_size():  # what the socket did not take at once
             await writer.drain()  # as write_eof() would: wait while the client is slower than we write
         return writer
