@@ -28,12 +28,7 @@ from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 Buffer = bytes | memoryview
 
 
-def header_lines(headers: Mapping[str, str]) -> bytes:
-    """`Name: value\r\n` per header (see `_lines`)."""
-    return _lines(headers).encode("utf-8", "surrogateescape")
-
-
-def _lines(headers: Mapping[str, str]) -> str:
+def header_lines(headers: Mapping[str, str]) -> str:
     """`Name: value\r\n` per header. A CR or LF inside a name or value would split the header block: refused,
     as aiohttp's own serialiser does (one count over the whole text instead of a test per header)."""
     text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
@@ -47,7 +42,7 @@ class JsonAnswer(web.StreamResponse):
     rendered once (`header_lines`); headers set on `.headers` after creation (the request id, a quota's
     `RateLimit-*`) are rendered when the answer is sent."""
 
-    def __init__(self, parts: Sequence[Buffer], fixed: bytes) -> None:
+    def __init__(self, parts: Sequence[Buffer], fixed: str) -> None:
         super().__init__()
         self._parts = parts
         self._fixed = fixed
@@ -69,22 +64,22 @@ class JsonAnswer(web.StreamResponse):
             connection = "Connection: keep-alive\r\n" if version == HttpVersion10 else ""
         else:
             connection = "Connection: close\r\n" if version == HttpVersion11 else ""
-        lines = _lines(self._headers) if self._headers else ""
-        # One text, encoded once. aiohttp decodes request headers as UTF-8 with surrogateescape, so an echoed
-        # value (the request id) goes back as its bytes came.
+        lines = header_lines(self._headers) if self._headers else ""
+        # One text, encoded once: one piece. aiohttp decodes request headers as UTF-8 with surrogateescape, so an
+        # echoed value (the request id) goes back as its bytes came.
         head = (
             f"HTTP/{version.major}.{version.minor} 200 OK\r\nContent-Type: application/json\r\n"
             f"Content-Length: {size}\r\nDate: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n"
-            f"{connection}{lines}"
+            f"{connection}{self._fixed}{lines}\r\n"
         ).encode("utf-8", "surrogateescape")
         transport: Any = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
         self._eof_sent = True  # finish_response's write_eof() then has nothing to do
         if _gathers(transport):
-            transport.writelines((head, self._fixed, b"\r\n", *parts))
+            transport.writelines((head, *parts))
         else:
-            transport.write(b"".join((head, self._fixed, b"\r\n", *parts)))
+            transport.write(b"".join((head, *parts)))
         if transport.get_write_buffer_size():  # what the socket did not take at once
             await writer.drain()  # as write_eof() would: wait while the client is slower than we write
         return writer

@@ -151,7 +151,7 @@ def _replayed(
 
 
 @functools.lru_cache(maxsize=4096)
-def _cache_headers(hits: int, misses: int, joined: int, upstream_tokens: int) -> bytes:
+def _cache_headers(hits: int, misses: int, joined: int, upstream_tokens: int) -> str:
     """The answer's cache headers, rendered once per combination of counts (all-hit answers share a few)."""
     return header_lines({
         "X-Cache-Hits": str(hits),
