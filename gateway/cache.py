@@ -20,7 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from .protocol import SOLO_END, EmbeddingRequest, Item, canonical_item, render_fragment, render_parts, render_solo
+from .protocol import (
+    END,
+    EmbeddingRequest,
+    Item,
+    canonical_item,
+    render_fragment,
+    render_items,
+    render_parts,
+    render_solo,
+)
 from .store import CacheStore
 
 log = logging.getLogger("gateway.cache")
@@ -159,11 +168,11 @@ class HotCache:
     Entries are immutable and content-addressed, so nothing here is ever invalidated. The bound counts each
     vector's bytes, each memoised rendering's bytes and a fixed per-entry overhead.
 
-    Renderings live in tables of their own, one per output format, beside the LRU: key → the input's
-    `embedding` JSON (its fragment), and key → the JSON before it in an answer to that input alone. A
-    many-input answer looks its fragments up with one `map` over one dict; a single-input answer is those two
-    and a constant end. The pieces are bytes, never views: the transport takes bytes as they are, where each
-    view would cost it two new objects.
+    Renderings live in tables of their own, one per output format, beside the LRU: key → the input's item
+    after its opener (its `embedding` JSON and the closing `}`), and key → the JSON before that in an answer
+    to that input alone. A many-input answer looks its items up with one `map` over one dict and puts each
+    after its opener; a single-input answer is those two and a constant end. The pieces are bytes, never
+    views: the transport takes bytes as they are, where each view would cost it two new objects.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -171,7 +180,7 @@ class HotCache:
         self.bytes = 0
         self._data: OrderedDict[bytes, _Hot] = OrderedDict()
         self._heads: dict[str, dict[bytes, bytes]] = {}  # output → key → the answer to the key alone, up to...
-        self._fragments: dict[str, dict[bytes, bytes]] = {}  # ...output → key → its `embedding` JSON
+        self._items: dict[str, dict[bytes, bytes]] = {}  # ...output → key → its `embedding` JSON + `}`
 
     def __len__(self) -> int:
         return len(self._data)
@@ -220,11 +229,12 @@ class HotCache:
         if head is None:
             return None
         self._data.move_to_end(key)
-        return [head, self._fragments[output][key], SOLO_END]
+        return [head, self._items[output][key], END]
 
-    def fragments(self, keys: Sequence[bytes], output: str) -> tuple[list[bytes | None], int]:
-        """Each key's memoised `embedding` JSON or None, and how many are None; the found keys are used."""
-        table = self._fragments.get(output)
+    def items(self, keys: Sequence[bytes], output: str) -> tuple[list[bytes | None], int]:
+        """Each key's memoised item (`embedding` JSON and `}`) or None, and how many are None; the found keys
+        are used."""
+        table = self._items.get(output)
         if table is None:
             return [None] * len(keys), len(keys)
         found = list(map(table.get, keys))
@@ -240,17 +250,17 @@ class HotCache:
                 move(key)
         return found, missing
 
-    def remember(self, key: bytes, output: str, head: bytes, fragment: bytes) -> None:
-        """Keeps `key`'s rendering in `output`: its fragment, and what comes before it in an answer to `key`
-        alone (`render_solo`). An entry no longer resident is not brought back."""
+    def remember(self, key: bytes, output: str, head: bytes, item: bytes) -> None:
+        """Keeps `key`'s rendering in `output`: its item, and what comes before it in an answer to `key` alone
+        (`render_solo`'s first two pieces). An entry no longer resident is not brought back."""
         hot = self._data.get(key)
         if hot is None or output in hot.outputs:
             return
         self._data.move_to_end(key)
         self._heads.setdefault(output, {})[key] = head
-        self._fragments.setdefault(output, {})[key] = fragment
+        self._items.setdefault(output, {})[key] = item
         hot.outputs += (output,)
-        cost = len(head) + len(fragment) + _VIEW_OVERHEAD
+        cost = len(head) + len(item) + _VIEW_OVERHEAD
         hot.cost += cost
         self.bytes += cost
         self._shrink()
@@ -258,7 +268,7 @@ class HotCache:
     def clear(self) -> None:
         self._data.clear()
         self._heads.clear()
-        self._fragments.clear()
+        self._items.clear()
         self.bytes = 0
 
     def _shrink(self) -> None:
@@ -267,13 +277,13 @@ class HotCache:
             self.bytes -= old.cost
             for output in old.outputs:
                 del self._heads[output][key]
-                del self._fragments[output][key]
+                del self._items[output][key]
 
 
 @dataclass(slots=True)
 class _Hot:
     entry: Entry
-    # The output formats it has a memoised rendering in (`HotCache._heads` / `_fragments` hold them).
+    # The output formats it has a memoised rendering in (`HotCache._heads` / `_items` hold them).
     outputs: tuple[str, ...]
     cost: int
 
@@ -381,12 +391,12 @@ class EmbeddingCache:
         if len(keys) == 1:
             solo = hot.solo(keys[0], output)
             return solo if solo is not None else list(self._memoise(hot, keys[0], vectors[0], model, tokens, output))
-        fragments, missing = hot.fragments(keys, output)
+        items, missing = hot.items(keys, output)
         if missing:
-            for i, memoised in enumerate(fragments):
+            for i, memoised in enumerate(items):
                 if memoised is None:
-                    fragments[i] = self._memoise(hot, keys[i], vectors[i], model, item_tokens[i], output)[1]
-        return render_parts(model, tokens, fragments)  # type: ignore[arg-type]  # no None is left
+                    items[i] = self._memoise(hot, keys[i], vectors[i], model, item_tokens[i], output)[1]
+        return render_items(model, tokens, items)  # type: ignore[arg-type]  # no None is left
 
     @staticmethod
     def _memoise(
@@ -405,5 +415,5 @@ class EmbeddingCache:
             return None
         if len(keys) == 1:
             return hot.solo(keys[0], output)
-        fragments, missing = hot.fragments(keys, output)
-        return None if missing else render_parts(model, tokens, fragments)  # type: ignore[arg-type]  # no None
+        items, missing = hot.items(keys, output)
+        return None if missing else render_items(model, tokens, items)  # type: ignore[arg-type]  # no None

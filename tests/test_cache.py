@@ -224,25 +224,25 @@ def test_hot_cache_is_an_lru_bounded_by_bytes_renderings_included() -> None:
     assert hot.get(b"a") is entries[b"a"]  # recency now: b, c, a
     hot.put(b"d", entries[b"d"])  # b goes: c, a, d
     assert hot.get(b"b") is None and len(hot) == 3 and hot.bytes == 3 * cost
-    head, fragment = b"{" * 4, b"x" * 96  # what precedes the fragment in an answer to a alone, and the fragment
+    head, fragment = b"{" * 4, b"x" * 96  # what precedes the item in an answer to a alone, and the item
     hot.remember(b"a", "float", head, fragment)  # a rendering is a use and counts too: c goes; d, a
-    assert hot.solo(b"a", "float") == [head, fragment, b"}]}"]
+    assert hot.solo(b"a", "float") == [head, fragment, b"]}"]
     assert hot.get(b"c") is None and hot.get(b"d") is entries[b"d"]
     assert len(hot) == 2 and hot.bytes == 2 * cost + 100 + 200  # the rendering and its record
-    views, missing = hot.fragments([b"a", b"d"], "float")
+    views, missing = hot.items([b"a", b"d"], "float")
     assert views == [fragment, None] and missing == 1
     assert hot.solo(b"a", "base64") is None
     hot.remember(b"b", "float", b"{", b"y")  # b is not resident: nothing is kept for it
     assert hot.solo(b"b", "float") is None and hot.bytes == 2 * cost + 100 + 200
-    views, missing = hot.fragments([b"a", b"a"], "float")
+    views, missing = hot.items([b"a", b"a"], "float")
     assert views == [fragment] * 2 and missing == 0
     # Fragment lookups are uses too (d, a): a new entry evicts d, then another evicts a, rendering and all.
-    hot.fragments([b"d", b"a"], "float")
+    hot.items([b"d", b"a"], "float")
     hot.put(b"b", entries[b"b"])
     assert hot.get(b"d") is None and len(hot) == 2  # a, b
     hot.put(b"c", entries[b"c"])
     assert hot.get(b"a") is None and hot.solo(b"a", "float") is None
-    assert hot.fragments([b"a", b"b"], "float")[1] == 2 and len(hot) == 2 and hot.bytes == 2 * cost
+    assert hot.items([b"a", b"b"], "float")[1] == 2 and len(hot) == 2 and hot.bytes == 2 * cost
     tiny = HotCache(100)  # an entry bigger than the whole bound is not kept
     tiny.put(b"a", entries[b"a"])
     assert len(tiny) == 0 and tiny.bytes == 0

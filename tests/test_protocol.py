@@ -11,7 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gateway.protocol import render_body, render_embeddings, render_fragment, render_parts, render_solo, render_vector
+from gateway.protocol import (
+    render_body,
+    render_embeddings,
+    render_fragment,
+    render_items,
+    render_parts,
+    render_solo,
+    render_vector,
+)
 
 finite_f32 = hnp.from_dtype(np.dtype("<f4"), allow_nan=False, allow_infinity=False)
 shapes = st.integers(1, 64) | st.tuples(st.integers(1, 4), st.integers(1, 16))
@@ -53,3 +61,5 @@ def test_the_pieces_of_an_answer_join_to_the_answer() -> None:
     fragments = [render_fragment(v, "float") for v in vecs]
     assert b"".join(render_parts("m", 9, fragments)) == render_embeddings("m", vecs, 9, "float")
     assert b"".join(render_solo("m", 3, fragments[0])) == render_embeddings("m", vecs[:1], 3, "float")
+    items = [render_solo("m", 1, f)[1] for f in fragments]
+    assert b"".join(render_items("m", 9, items)) == render_embeddings("m", vecs, 9, "float")
