@@ -6,13 +6,13 @@ serialisation) and `write_eof()`, and joins the headers and the body into one ne
 request's CPU time on the bench machine, and the join a second copy of an answer that may be megabytes.
 
 An embeddings answer needs none of it: its status is 200, its headers are known when it is made (the cache
-headers are even the same bytes for every answer with the same counts), and its body is already a list of
+headers are even the same text for every answer with the same counts), and its body is already a list of
 buffers: memoised renderings from the hot tier, spliced without a copy. Under uvloop (what `serve` runs on)
 they go out in one `writev`; elsewhere they are joined once and written.
 
 What this skips, and why that is sound here: compression (the gateway never enables it), cookies (it sets
-none) and `on_response_prepare` (the app registers no handler; `build_app` would have to add the hook here
-too). Keep-alive and the `Connection` header follow aiohttp's rules exactly.
+none) and `on_response_prepare` (the app registers no handler, and a test fails if one is added: this class
+would have to call it too). Keep-alive and the `Connection` header follow aiohttp's rules exactly.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ from aiohttp import web
 
 from gateway.answer import JsonAnswer, header_lines
 
+from .conftest import Gateway
+
 BODY_PARTS: list[bytes | memoryview] = [b'{"model":"m","data":[', memoryview(b'xx{"embedding":"AAAA"}yy')[2:-2], b"]}"]
 BODY = b"".join(BODY_PARTS)
 FIXED = {"X-Cache-Hits": "1", "X-Cache-Misses": "0"}
@@ -134,3 +136,10 @@ def test_an_echoed_header_goes_back_as_its_bytes_came() -> None:
     with asyncio.Runner() as runner:
         answer = runner.run(exchange(echo, [raw]))[0]
     assert b"\r\nX-Request-Id: " + sent + b"\r\n" in answer
+
+
+async def test_the_gateway_registers_no_response_prepare_hook(gateway: Gateway, redis_url: str) -> None:
+    """JsonAnswer does not run `on_response_prepare`: a hook added to the app would silently miss every
+    embeddings answer. If one is ever needed, JsonAnswer.prepare must call it too."""
+    client = await gateway(cache={"url": redis_url})
+    assert len(client.app.on_response_prepare) == 0
