@@ -34,8 +34,6 @@ from .store import CacheStore
 
 log = logging.getLogger("gateway.cache")
 
-Buffer = bytes | memoryview
-
 VERSION = 1
 # version, flags, rows (0 = one vector; n = n rows of a multivector / n vectors of a unit), tokens
 _HEADER = struct.Struct("<BBHI")
@@ -222,7 +220,7 @@ class HotCache:
         self.bytes += cost
         self._shrink()
 
-    def solo(self, key: bytes, output: str) -> list[Buffer] | None:
+    def solo(self, key: bytes, output: str) -> list[bytes] | None:
         """The memoised answer to a request of this one input in `output`, in pieces (a use of the key)."""
         heads = self._heads.get(output)
         head = None if heads is None else heads.get(key)
@@ -243,8 +241,8 @@ class HotCache:
             return found, 0
         move = self._data.move_to_end
         missing = 0
-        for key, view in zip(keys, found, strict=True):
-            if view is None:
+        for key, item in zip(keys, found, strict=True):
+            if item is None:
                 missing += 1
             else:
                 move(key)
@@ -382,7 +380,7 @@ class EmbeddingCache:
     def answer(
         self, model: str, tokens: int, keys: Sequence[bytes], vectors: Sequence[np.ndarray],
         item_tokens: Sequence[int], output: str,
-    ) -> list[Buffer]:
+    ) -> list[bytes]:
         """The response body for `vectors`, as pieces to send in order (keys[i] and item_tokens[i] are
         vectors[i]'s; a unit has no keys). A hot entry's rendering is made once per output format and reused."""
         hot = self.hot
@@ -407,7 +405,7 @@ class EmbeddingCache:
         hot.remember(key, output, solo[0], solo[1])
         return solo
 
-    def hot_answer(self, model: str, tokens: int, keys: Sequence[bytes], output: str) -> list[Buffer] | None:
+    def hot_answer(self, model: str, tokens: int, keys: Sequence[bytes], output: str) -> list[bytes] | None:
         """The response body's pieces from memoised renderings alone, or None when one of them is no longer
         hot."""
         hot = self.hot

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from . import appkeys as K
 from . import config as cfg
 from . import openapi as openapi_doc
-from .answer import Buffer, JsonAnswer, header_lines
+from .answer import JsonAnswer, header_lines
 from .auth import Principal
 from .errors import Forbidden, GatewayError, PayloadTooLarge, RequestTimeout, StateUnavailable
 from .memo import Replay
@@ -136,7 +136,7 @@ async def _embed(
 
 def _replayed(
     request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, replay: Replay,
-    payload: list[Buffer], reservation: object,
+    payload: list[bytes], reservation: object,
 ) -> JsonAnswer:
     """An exact repeat of an all-hit request, admitted: the answer, with this request's accounting."""
     fields = request[K.LOG_FIELDS]

@@ -149,30 +149,25 @@ def render_fragment(vec: np.ndarray, output: str) -> bytes:
     return orjson.dumps(render_vector(vec, output), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def render_body(model: str, tokens: int, fragments: Sequence[bytes | memoryview]) -> bytes:
+def render_body(model: str, tokens: int, fragments: Sequence[bytes]) -> bytes:
     """Splices rendered `embedding` values into the upstream's response shape, byte for byte what orjson
     emits for `{"model", "object", "usage", "data": [{"object", "index", "embedding"}]}`: no dict per vector,
     and one copy of the (possibly large) fragments."""
     return b"".join(render_parts(model, tokens, fragments))
 
 
-def render_parts(model: str, tokens: int, fragments: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+def render_parts(model: str, tokens: int, fragments: Sequence[bytes]) -> list[bytes]:
     """`render_body`'s pieces, not joined: the fragments themselves (no copy) between the JSON around them."""
-    head = _head(model, tokens)
     n = len(fragments)
-    openers = _OPENERS if n <= len(_OPENERS) else [_opener(i) for i in range(n)]
     # Each item is opener, fragment, "}": interleaved by zip/chain, so no Python loop runs per item.
-    # (openers may be longer than fragments: zip stops at the shortest.)
-    items = chain.from_iterable(zip(openers, fragments, repeat(b"}", n), strict=False))
-    return [head, *items, END]
+    items = chain.from_iterable(zip(_openers(n), fragments, repeat(b"}", n), strict=False))
+    return [_head(model, tokens), *items, END]
 
 
-def render_items(model: str, tokens: int, items: Sequence[bytes]) -> list[bytes | memoryview]:
+def render_items(model: str, tokens: int, items: Sequence[bytes]) -> list[bytes]:
     """`render_parts` of fragments that already end with the `}` closing their item (`render_solo`'s middle
     piece): two pieces per item instead of three."""
-    n = len(items)
-    openers = _OPENERS if n <= len(_OPENERS) else [_opener(i) for i in range(n)]
-    return [_head(model, tokens), *chain.from_iterable(zip(openers, items, strict=False)), END]
+    return [_head(model, tokens), *chain.from_iterable(zip(_openers(len(items)), items, strict=False)), END]
 
 
 def render_solo(model: str, tokens: int, fragment: bytes) -> tuple[bytes, bytes, bytes]:
@@ -187,6 +182,11 @@ END = b"]}"
 def _head(model: str, tokens: int) -> bytes:
     return b'{"model":%b,"object":"list","usage":{"total_tokens":%d,"prompt_tokens":%d},"data":[' % (
         orjson.dumps(model), tokens, tokens)
+
+
+def _openers(n: int) -> Sequence[bytes]:
+    """At least `n` item openers, one per index (zip stops at the shorter sequence)."""
+    return _OPENERS if n <= len(_OPENERS) else [_opener(i) for i in range(n)]
 
 
 def _opener(i: int) -> bytes:
