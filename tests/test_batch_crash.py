@@ -137,10 +137,15 @@ async def test_kill_9_half_way_then_restart_completes_each_line_once_and_bills_e
         # design can close: the upstream has billed, the gateway has not stored).
         await http.post(sim_url + "/_sim/pause")
 
-        async def all_answers_cached() -> bool:
-            return len(await redis.keys(CACHE_PREFIX + b"*")) == (await sim_stats())["inputs"]
+        async def held_and_all_answers_cached() -> bool:
+            # At least one call held (so the kill lands with a call in flight, which the upstream must never
+            # bill), and every answer the upstream gave already in the cache. Waiting for the held call too
+            # closes a race: the pause could land while the gateway had nothing in flight, and the kill then
+            # proved nothing about in-flight calls (CI once saw dropped == 0).
+            stats = await sim_stats()
+            return stats["held"] >= 1 and len(await redis.keys(CACHE_PREFIX + b"*")) == stats["inputs"]
 
-        await until(all_answers_cached, "the answered inputs to be cached")
+        await until(held_and_all_answers_cached, "a held call, and the answered inputs to be cached")
         processes[-1].kill()
         processes[-1].wait()
 
