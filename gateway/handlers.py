@@ -91,7 +91,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         replay = app[K.REPEATS].get(scope, raw)
         # A repeat this team may ask as it is (else the full path answers, with its error), still hot.
         if replay is not None and replay.inputs <= max_inputs and (team.models is None or replay.model in team.models):
-            payload = app[K.CACHE].hot_answer(replay.model, replay.tokens, replay.keys, replay.output)
+            payload = app[K.CACHE].hot_answer(replay.serial, replay.model, replay.tokens, replay.keys, replay.output)
             if payload is not None:
                 service.interactive_at = started
                 reservation = await service.admit_cached(team, replay.cached_tokens) if service.admits(team) else None
@@ -128,7 +128,7 @@ async def _embed(
     # Served whole from the cache (a unit has no keys): kept for a repeat, when the memo would keep it.
     if not misses and not joined and outcome.keys and memo.keeps(raw):
         memo.put(scope, raw, Replay(model, inputs, hits, outcome.duplicates, outcome.tokens, outcome.cached_tokens,
-                                    tuple(outcome.keys), req.output))
+                                    app[K.CACHE].canonical(outcome.keys), req.output))
     if isinstance(outcome.reservation, Reservation):
         response.headers.update(outcome.reservation.headers)
     return response
@@ -136,7 +136,7 @@ async def _embed(
 
 def _replayed(
     request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, replay: Replay,
-    payload: list[bytes], reservation: object,
+    payload: tuple[list[bytes], int], reservation: object,
 ) -> JsonAnswer:
     """An exact repeat of an all-hit request, admitted: the answer, with this request's accounting."""
     fields = request[K.LOG_FIELDS]
@@ -144,7 +144,7 @@ def _replayed(
     fields["inputs"] = replay.inputs
     _account(app, config, fields, team.name, replay.model, replay.inputs, replay.hits, 0, 0, 0,
              replay.cached_tokens)
-    response = JsonAnswer(payload, _cache_headers(replay.hits, 0, 0, 0))
+    response = JsonAnswer(payload[0], _cache_headers(replay.hits, 0, 0, 0), payload[1])
     if isinstance(reservation, Reservation):
         response.headers.update(reservation.headers)
     return response

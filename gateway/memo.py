@@ -4,8 +4,9 @@ A request's body fixes its model, parameters and inputs, hence its cache keys; t
 are immutable and content-addressed. So an all-hit answer is a pure function of the body (and of the team,
 when the cache is scoped by team). Kept here are the body's keys and the figures of its answer: a repeat
 costs one dict lookup instead of a JSON decode, validation and a hash per input, then its answer comes from
-the hot tier's memoised renderings (`EmbeddingCache.hot_answer`). The same query asked again (search boxes,
-retries, re-run pipelines) is the common case of an embedding gateway's traffic.
+the hot tier's memoised renderings (`EmbeddingCache.hot_answer`), assembled once per kept body. The same
+query asked again (search boxes, retries, re-run pipelines) is the common case of an embedding gateway's
+traffic.
 
 What depends on the caller rather than the body (authentication, the team's model list and input limit,
 quotas, usage, metrics, the access log) is still done per request, from the figures kept with the answer.
@@ -15,8 +16,11 @@ reload may change what a body is allowed to ask).
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+_serials = itertools.count()
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,9 @@ class Replay:
     cached_tokens: int  # the distinct inputs' tokens (nothing was paid for)
     keys: tuple[bytes, ...]  # each input's cache key, in order
     output: str
+    # Names this replay's assembled answer in the hot tier (`HotCache.assembled`): unique in the process,
+    # unlike id(), which a later object may reuse.
+    serial: int = field(default_factory=_serials.__next__, compare=False)
 
 
 # Bytes a kept request costs beyond its body's length (tracemalloc: ~360 + the body object's 33): the

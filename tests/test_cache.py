@@ -295,3 +295,46 @@ def test_content_keys_are_stable_across_releases() -> None:
     assert [k.hex() for k in keys] == [
         "e07b377de4822732bc001146cd758cb0", "240083a27742f810fa1243a58aa2070d", "ba7892f1ddaf4043da157afc8156d420",
     ]
+
+
+def test_an_assembled_answer_is_kept_until_an_entry_leaves_and_uses_its_keys() -> None:
+    entries = {k: Entry(vectors=unit_vector(256, i), tokens=i) for i, k in enumerate([b"a", b"b", b"c", b"d"])}
+    cost = 256 * 4 + 400
+    hot = HotCache(3 * cost + 2 * (100 + 200))
+    for key in (b"a", b"b", b"c"):
+        hot.put(key, entries[key])
+    hot.remember(b"a", "float", b"<a", b"A}")
+    hot.remember(b"b", "float", b"<b", b"B}")
+    assert hot.assembled(7, [b"a", b"b"]) is None  # nothing kept under serial 7 yet
+    pieces = [b"head", b"<a", b"A}", b",", b"B}", b"]}"]
+    done = hot.assemble(7, pieces)
+    assert done == (pieces, 13) and done[0] is pieces
+    hot.get(b"c")  # recency: a, b, c
+    assert hot.assembled(7, [b"a", b"b"]) is done  # and each key is used: c, a, b
+    assert hot.assembled(8, [b"a"]) is None
+    hot.put(b"d", entries[b"d"])  # c leaves (a would have, unused): every assembled answer goes with it
+    assert hot.get(b"c") is None and hot.get(b"a") is entries[b"a"] and hot.get(b"b") is entries[b"b"]
+    assert hot.assembled(7, [b"a", b"b"]) is None
+
+
+def test_assembled_answers_are_bounded_by_their_own_bytes() -> None:
+    hot = HotCache(1 << 20)
+    hot.max_assembled_bytes = 2 * (200 + 8 * 3)  # room for two answers of three pieces
+    for serial in range(3):
+        hot.assemble(serial, [b"h", b"i", b"e"])
+    # The third did not fit: what was kept went, and the third is kept alone.
+    assert [hot.assembled(s, []) is not None for s in range(3)] == [False, False, True]
+    assert hot.assemble(9, [b"x"] * 100) == ([b"x"] * 100, 100)  # over the whole bound: answered, not kept
+    assert hot.assembled(9, []) is None and hot.assembled(2, []) is None
+
+
+def test_canonical_keys_are_the_objects_the_hot_tier_holds() -> None:
+    hot = HotCache(1 << 20)
+    stored = bytes.fromhex("00" * 15 + "01")
+    hot.put(stored, Entry(vectors=unit_vector(8), tokens=1))
+    copy, other = bytes.fromhex("00" * 15 + "01"), b"\x02" * 16
+    assert copy == stored and copy is not stored
+    keys = hot.canonical([copy, other])
+    assert keys == (stored, other) and keys[0] is stored and keys[1] is other
+    cache = EmbeddingCache(open_cache_store("memory://", max_bytes=1 << 20), ttl_s=1)  # no hot tier
+    assert cache.canonical([copy]) == (copy,) and cache.canonical([copy])[0] is copy

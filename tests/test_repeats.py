@@ -55,6 +55,8 @@ async def test_a_repeat_is_answered_from_its_keys_byte_for_byte(
     third = await post(client, body)
     fourth = await post(client, body)
     assert parsed[0] == 2  # the repeats were not parsed
+    replay, hot = client.app[K.REPEATS].get("", body), client.app[K.CACHE].hot
+    assert replay is not None and hot.assembled(replay.serial, replay.keys) is not None  # the fourth's pieces
     want = await upstream_answer(sim, orjson.loads(body))
     assert first[2] == second[2] == third[2] == fourth[2] == want
     distinct = len(set(inputs))
