@@ -47,6 +47,13 @@ class JsonAnswer(web.StreamResponse):
         self._parts = parts
         self._fixed = fixed
         self._size = sum(map(len, parts)) if size is None else size  # the body's length, when known
+        self._request_id = ""
+
+    def identify(self, request_id: str) -> None:
+        """Sets `X-Request-Id`, as `.headers` would, at a tenth of the cost: every answer has one."""
+        if "\r" in request_id or "\n" in request_id:
+            raise ValueError("a header name or value holds a CR or LF")
+        self._request_id = f"X-Request-Id: {request_id}\r\n"
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent:
@@ -71,7 +78,7 @@ class JsonAnswer(web.StreamResponse):
         head = (
             f"HTTP/{version.major}.{version.minor} 200 OK\r\nContent-Type: application/json\r\n"
             f"Content-Length: {size}\r\nDate: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n"
-            f"{connection}{self._fixed}{lines}\r\n"
+            f"{connection}{self._fixed}{self._request_id}{lines}\r\n"
         ).encode("utf-8", "surrogateescape")
         transport: Any = request.transport
         if transport is None or transport.is_closing():

@@ -139,11 +139,12 @@ def _replayed(
     payload: tuple[list[bytes], int], reservation: object,
 ) -> JsonAnswer:
     """An exact repeat of an all-hit request, admitted: the answer, with this request's accounting."""
-    fields = request[K.LOG_FIELDS]
-    fields["model"] = replay.model
-    fields["inputs"] = replay.inputs
-    _account(app, config, fields, team.name, replay.model, replay.inputs, replay.hits, 0, 0, 0,
-             replay.cached_tokens)
+    # `_account` of an all-hit answer: only the figures a repeat can have (no misses, no upstream tokens).
+    model, cached = replay.model, replay.cached_tokens
+    saved = cached * config.prices.get(model, 0.0) / 1e6
+    app[K.METRICS].count_hits(team.name, model, replay.hits, cached, saved)
+    app[K.USAGE].count_hits(team.name, model, replay.inputs, replay.hits, cached, saved)
+    request[K.LOG_FIELDS].update(replay.log_fields)
     response = JsonAnswer(payload[0], _cache_headers(replay.hits, 0, 0, 0), payload[1])
     if isinstance(reservation, Reservation):
         response.headers.update(reservation.headers)

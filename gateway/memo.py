@@ -38,6 +38,14 @@ class Replay:
     # Names this replay's assembled answer in the hot tier (`HotCache.assembled`): unique in the process,
     # unlike id(), which a later object may reuse.
     serial: int = field(default_factory=_serials.__next__, compare=False)
+    # What the access log says of it, as `handlers._embed` would have said it: one update per repeat.
+    log_fields: dict[str, object] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log_fields", {
+            "model": self.model, "inputs": self.inputs, "hits": self.hits, "misses": 0, "joined": 0,
+            "upstream_tokens": 0,
+        })
 
 
 # Bytes a kept request costs beyond its body's length (tracemalloc: ~360 + the body object's 33): the

@@ -103,6 +103,16 @@ class Metrics:
         sums[5] += cost
         sums[6] += saved
 
+    def count_hits(self, team: str, model: str, hits: int, cached: int, saved: float) -> None:
+        """`count_embed` of an answer served whole from the cache: its other figures are all 0."""
+        sums = self._embeds.get((team, model))
+        if sums is None:
+            self._embeds[(team, model)] = [hits, 0, 0, 0, cached, 0.0, saved]
+            return
+        sums[0] += hits
+        sums[4] += cached
+        sums[6] += saved
+
     def publish(self) -> None:
         """Moves the pending per-request figures into the Prometheus series (synchronous: nothing is counted
         twice or lost between the swap and the increments)."""

@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from . import appkeys as K
+from .answer import JsonAnswer
 from .errors import GatewayError
 from .logbuffer import write_access
 
@@ -72,7 +73,9 @@ def endpoint(handler: Handler, *, route: str, public: bool = False) -> Handler:
     async def impl(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get("X-Request-Id", "")[:64] or next_request_id()
-        fields: dict[str, object] = {}
+        # The access line itself: the handler adds what it knows (model, counts); the rest is filled in below.
+        fields: dict[str, object] = {"request_id": request_id, "method": request.method, "path": route, "team": "",
+                                     "status": 500, "latency_ms": 0.0}
         request[K.LOG_FIELDS] = fields
         app = request.app
         in_flight = None if public else app[K.METRICS].active
@@ -103,7 +106,10 @@ def endpoint(handler: Handler, *, route: str, public: bool = False) -> Handler:
                 log.exception("unhandled error on %s %s", request.method, request.path)
                 response = json_error(500, "internal error", "INTERNAL_ERROR")
             status = response.status
-            response.headers["X-Request-Id"] = request_id
+            if type(response) is JsonAnswer:
+                response.identify(request_id)
+            else:
+                response.headers["X-Request-Id"] = request_id
             return response
         finally:
             if in_flight is not None:
@@ -111,9 +117,10 @@ def endpoint(handler: Handler, *, route: str, public: bool = False) -> Handler:
             seconds = time.perf_counter() - started
             app[K.METRICS].count_request(route, status, team, seconds)
             if not public:
-                line = {"request_id": request_id, "method": request.method, "path": route, "team": team,
-                        "status": status, "latency_ms": round(seconds * 1e6) / 1000, **fields}
-                write_access(orjson.dumps(line).decode())
+                fields["team"] = team
+                fields["status"] = status
+                fields["latency_ms"] = round(seconds * 1e6) / 1000
+                write_access(orjson.dumps(fields).decode())
 
     return impl
 

@@ -77,13 +77,15 @@ def both(request_id: str) -> tuple[Callable[[web.Request], object], Callable[[we
     async def ours(request: web.Request) -> web.StreamResponse:
         await request.read()
         answer = JsonAnswer(BODY_PARTS, header_lines(FIXED))
-        answer.headers["X-Request-Id"] = request_id
+        answer.identify(request_id)
+        answer.headers["X-Extra"] = "set after"
         return answer
 
     async def theirs(request: web.Request) -> web.StreamResponse:
         await request.read()
         response = web.Response(body=BODY, headers={"Content-Type": "application/json", **FIXED})
         response.headers["X-Request-Id"] = request_id
+        response.headers["X-Extra"] = "set after"
         return response
 
     return ours, theirs
@@ -110,7 +112,7 @@ def test_the_answer_is_what_aiohttp_would_send(
         assert status == f"HTTP/{version} 200 OK"
         assert body == BODY
         assert headers["Content-Length"] == str(len(BODY))
-        assert headers["X-Request-Id"] == "req-1"
+        assert headers["X-Request-Id"] == "req-1" and headers["X-Extra"] == "set after"
         assert headers["X-Cache-Hits"] == "1"
     # The connection is closed exactly when aiohttp would close it, and stays open otherwise.
     assert got[-1] == expected[-1] == (b"" if closes else b"<open>")
@@ -121,6 +123,9 @@ def test_a_header_that_would_split_the_block_is_refused() -> None:
     for bad in ({"A": "1\r\nSet-Cookie: x=1"}, {"A": "1\n"}, {"A\r": "1"}):
         with pytest.raises(ValueError, match="CR or LF"):
             header_lines(bad)
+    for bad_id in ("a\r\nSet-Cookie: x=1", "a\n", "a\rb"):
+        with pytest.raises(ValueError, match="CR or LF"):
+            JsonAnswer(BODY_PARTS, "").identify(bad_id)
 
 
 def test_an_echoed_header_goes_back_as_its_bytes_came() -> None:
@@ -129,7 +134,7 @@ def test_an_echoed_header_goes_back_as_its_bytes_came() -> None:
 
     async def echo(request: web.Request) -> web.StreamResponse:
         answer = JsonAnswer(BODY_PARTS, "")
-        answer.headers["X-Request-Id"] = request.headers["X-Request-Id"]
+        answer.identify(request.headers["X-Request-Id"])
         return answer
 
     raw = b"POST / HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + sent + b"\r\nContent-Length: 0\r\n\r\n"
