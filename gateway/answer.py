@@ -39,8 +39,8 @@ def header_lines(headers: Mapping[str, str]) -> str:
 
 class JsonAnswer(web.StreamResponse):
     """A 200 `application/json` answer of `parts` (joined, they are the body). `fixed` holds header lines
-    rendered once (`header_lines`); headers set on `.headers` after creation (the request id, a quota's
-    `RateLimit-*`) are rendered when the answer is sent."""
+    rendered once (`header_lines`); `identify` adds the request id, and headers set on `.headers` after creation
+    (a quota's `RateLimit-*`) are rendered when the answer is sent."""
 
     def __init__(self, parts: Sequence[Buffer], fixed: str, size: int | None = None) -> None:
         super().__init__()

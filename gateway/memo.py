@@ -16,6 +16,7 @@ reload may change what a body is allowed to ask).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -42,15 +43,18 @@ class Replay:
     log_fields: dict[str, object] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "log_fields", {
-            "model": self.model, "inputs": self.inputs, "hits": self.hits, "misses": 0, "joined": 0,
-            "upstream_tokens": 0,
-        })
+        object.__setattr__(self, "log_fields", _log_fields(self.model, self.inputs, self.hits))
 
 
-# Bytes a kept request costs beyond its body's length (tracemalloc: ~360 + the body object's 33): the
-# (scope, body) key, the record, the LRU's node; and per input, its key object and tuple slot (~57).
-_OVERHEAD = 400
+@functools.lru_cache(maxsize=1024)
+def _log_fields(model: str, inputs: int, hits: int) -> dict[str, object]:
+    """Shared by every `Replay` with these figures (read, never changed): most repeats are of a few shapes."""
+    return {"model": model, "inputs": inputs, "hits": hits, "misses": 0, "joined": 0, "upstream_tokens": 0}
+
+
+# Bytes a kept request costs beyond its body's length (tracemalloc: ~400 + the body object's 33): the
+# (scope, body) key, the record and its serial, the LRU's node; and per input, its key object and tuple slot (~57).
+_OVERHEAD = 440
 _PER_KEY = 60
 
 

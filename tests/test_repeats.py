@@ -153,7 +153,7 @@ def replay(n_keys: int) -> Replay:
 
 
 def test_the_memo_is_an_lru_bounded_by_bytes() -> None:
-    cost = 400 + 10 + 60  # overhead + body + one key
+    cost = 440 + 10 + 60  # overhead + body + one key
     memo = ResponseMemo(max_bytes=3 * cost, max_body_bytes=100)
     for name in (b"body-0001", b"body-0002", b"body-0003"):
         memo.put("", name + b"x", replay(1))
@@ -183,3 +183,11 @@ async def test_the_hot_tiers_fill_is_exported(gateway: Gateway, redis_url: str) 
     assert f'eg_hot_cache_bytes{{tier="entries"}} {float(hot.bytes)}' in text
     assert 'eg_hot_cache_items{tier="requests"} 1.0' in text
     assert f'eg_hot_cache_bytes{{tier="requests"}} {float(memo.bytes)}' in text
+
+
+def test_replays_of_one_shape_share_their_log_fields() -> None:
+    one, other = replay(1), replay(1)
+    assert one.serial != other.serial  # each names its own assembled answer
+    assert one.log_fields is other.log_fields  # kept once, not once per kept body
+    assert one.log_fields == {"model": MODEL, "inputs": 1, "hits": 1, "misses": 0, "joined": 0, "upstream_tokens": 0}
+    assert replay(2).log_fields["inputs"] == 2
