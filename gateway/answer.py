@@ -26,6 +26,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 
 Buffer = bytes | memoryview
+_SPLITS = "a header name or value holds a CR or LF"
 
 
 def header_lines(headers: Mapping[str, str]) -> str:
@@ -33,7 +34,7 @@ def header_lines(headers: Mapping[str, str]) -> str:
     as aiohttp's own serialiser does (one count over the whole text instead of a test per header)."""
     text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
     if text.count("\n") != len(headers) or text.count("\r") != len(headers):
-        raise ValueError("a header name or value holds a CR or LF")
+        raise ValueError(_SPLITS)
     return text
 
 
@@ -52,7 +53,7 @@ class JsonAnswer(web.StreamResponse):
     def identify(self, request_id: str) -> None:
         """Sets `X-Request-Id`, as `.headers` would, at a tenth of the cost: every answer has one."""
         if "\r" in request_id or "\n" in request_id:
-            raise ValueError("a header name or value holds a CR or LF")
+            raise ValueError(_SPLITS)
         self._request_id = f"X-Request-Id: {request_id}\r\n"
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:

@@ -246,15 +246,14 @@ class HotCache:
         if table is None:
             return [None] * len(keys), len(keys)
         found = list(map(table.get, keys))
-        if all(map(table.__contains__, keys)):  # both passes in C, with no Python loop
+        # Both passes in C. Comparing bytes with None is settled in C (a view would raise and clear a TypeError).
+        missing = found.count(None)
+        if not missing:
             deque(map(self._data.move_to_end, keys), maxlen=0)  # every key used
             return found, 0
         move = self._data.move_to_end
-        missing = 0
         for key, item in zip(keys, found, strict=True):
-            if item is None:
-                missing += 1
-            else:
+            if item is not None:
                 move(key)
         return found, missing
 

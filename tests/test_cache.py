@@ -229,13 +229,13 @@ def test_hot_cache_is_an_lru_bounded_by_bytes_renderings_included() -> None:
     assert hot.solo(b"a", "float") == [head, fragment, b"]}"]
     assert hot.get(b"c") is None and hot.get(b"d") is entries[b"d"]
     assert len(hot) == 2 and hot.bytes == 2 * cost + 100 + 200  # the rendering and its record
-    views, missing = hot.items([b"a", b"d"], "float")
-    assert views == [fragment, None] and missing == 1
+    found, missing = hot.items([b"a", b"d"], "float")
+    assert found == [fragment, None] and missing == 1
     assert hot.solo(b"a", "base64") is None
     hot.remember(b"b", "float", b"{", b"y")  # b is not resident: nothing is kept for it
     assert hot.solo(b"b", "float") is None and hot.bytes == 2 * cost + 100 + 200
-    views, missing = hot.items([b"a", b"a"], "float")
-    assert views == [fragment] * 2 and missing == 0
+    found, missing = hot.items([b"a", b"a"], "float")
+    assert found == [fragment] * 2 and missing == 0
     # Fragment lookups are uses too (d, a): a new entry evicts d, then another evicts a, rendering and all.
     hot.items([b"d", b"a"], "float")
     hot.put(b"b", entries[b"b"])
