@@ -7,15 +7,18 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from . import admin_api, batch_api, handlers
 from . import appkeys as K
-from . import batch_api, handlers
 from . import config as cfg
+from .admin import Admin, open_admin_store
+from .auth import RuntimeKeys
 from .batch import BatchWorker
 from .cache import EmbeddingCache
 from .coalescer import Coalescer
@@ -25,7 +28,7 @@ from .memo import ResponseMemo
 from .metrics import Metrics, replace
 from .middleware import Routes
 from .pacing import MemoryPacingBackend, Pacer, PacingBackend, RedisPacingBackend, budget_id
-from .quota import MemoryQuotaBackend, QuotaBackend, QuotaGate, RedisQuotaBackend
+from .quota import STORE_ERRORS, MemoryQuotaBackend, QuotaBackend, QuotaGate, RedisQuotaBackend
 from .service import EmbeddingService
 from .sim import SimConfig, Simulator, start_sim
 from .store import open_cache_store
@@ -47,7 +50,7 @@ def create_app(
         # aiohttp refuses a larger body while reading it; our handler turns that into the JSON 413.
         client_max_size=config.limits.max_body_bytes,
     )
-    app[K.LIVE] = live = LiveConfig(config, config_path)
+    app[K.LIVE] = live = LiveConfig(config, config_path, RuntimeKeys())
     app[K.METRICS] = metrics = _metrics(config)
     live.on_change(lambda new: _prime(metrics, new))
     if simulator is not None:
@@ -62,6 +65,7 @@ def create_app(
     routes.add_get("/v1/usage", handlers.usage)
     routes.add_get("/openapi.json", handlers.openapi)
     batch_api.add_routes(routes)
+    admin_api.add_routes(routes)
     routes.add_unmatched()  # last: it matches every path
     app.on_shutdown.append(_stop_batch)  # a drain gives batch leases back before requests are cut
     return app
@@ -100,6 +104,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     app[K.USAGE] = usage
     if state_redis is not None:
         await preload_scripts(state_redis)
+    admin = app[K.ADMIN] = await _admin(app, state_redis)
     quota = _quota(app, state_redis)
     app[K.QUOTA] = quota
     upstream = UpstreamClient(config.upstream, base_url, metrics, pacer=_pacer(app, state_redis))
@@ -120,6 +125,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
             await publisher
         metrics.publish()  # a worker's last requests reach its multiprocess file
         await app[K.BATCH_WORKER].stop()  # idempotent: on_shutdown has usually done it already
+        await admin.close()
         await coalescer.close()
         await upstream.close()  # after the coalescer's calls have all finished
         await usage.close()  # after in-flight requests were tallied, before the state client closes
@@ -175,6 +181,23 @@ def _quota(app: web.Application, state_redis: Any) -> QuotaGate:
 
     metrics.on_scrape(quota_remaining, name="quota_remaining")
     return quota
+
+
+async def _admin(app: web.Application, state_redis: Any) -> Admin:
+    """Loads the API's teams and keys before the first request, then polls for changes."""
+    live, clock = app[K.LIVE], app.get(K.CLOCK)
+    runtime = live.runtime_keys
+    assert runtime is not None
+    if clock is not None:
+        runtime.clock = clock.time
+    admin = Admin(open_admin_store(state_redis), runtime, lambda: live.config,
+                  clock=clock.time if clock is not None else time.time)
+    try:
+        await admin.refresh()
+    except STORE_ERRORS as exc:  # the poller keeps trying; config-file teams work meanwhile
+        log.warning("admin: could not load teams and keys from the state store: %s", exc)
+    admin.start()
+    return admin
 
 
 def _pacer(app: web.Application, state_redis: Any) -> Pacer | None:

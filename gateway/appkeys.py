@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .admin import Admin
 from .auth import Principal
 from .batch import BatchWorker
 from .cache import EmbeddingCache
@@ -41,6 +42,9 @@ JOB_STORE: web.AppKey[JobStore] = web.AppKey("job_store")
 BATCH_WORKER = web.AppKey("batch_worker", BatchWorker)
 # The in-process simulated upstream when `upstream.url` is `sim://` (tests read its counters).
 SIMULATOR = web.AppKey("simulator", Simulator)
+
+# Teams and keys made over the admin API, and the poller that keeps this replica's key ring current.
+ADMIN = web.AppKey("admin", Admin)
 
 # Per-request values (set by middlewares, read by handlers and the access log).
 PRINCIPAL = web.RequestKey("principal", Principal)

@@ -147,6 +147,16 @@ class Quota:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Budget:
+    """A team's money budget per UTC calendar month, priced with `prices` (see gateway/budget.py)."""
+
+    usd_per_month: float
+    # Fractions of the budget at which an alert fires, once per month each.
+    alerts: tuple[float, ...] = (0.5, 0.8, 1.0)
+    webhook_url: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Team:
     name: str
     keys: tuple[str, ...] = ()
@@ -154,6 +164,7 @@ class Team:
     models: tuple[str, ...] | None = None
     max_inputs_per_request: int | None = None
     weight: float = 1.0
+    budget: Budget | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,6 +312,8 @@ def _check(config: Config) -> None:
             if key in seen:
                 raise ConfigError(f"{where}: key already belongs to team {seen[key]!r}")
             seen[key] = team.name
+        if team.budget is not None:
+            check_budget(team.budget, f"teams.{i}.budget")
     for j, key in enumerate(config.admin_keys):
         _check_key_hash(key, f"admin_keys.{j}")
     _check_usage(config.usage)
@@ -310,6 +323,17 @@ def _check(config: Config) -> None:
         _check_store_url(url, where)
     _check_limits(config)
     _check_batch(config.batch)
+
+
+def check_budget(budget: Budget, where: str) -> None:
+    if not budget.usd_per_month > 0:
+        raise ConfigError(f"{where}.usd_per_month: must be > 0")
+    for k, threshold in enumerate(budget.alerts):
+        if not 0 < threshold <= 10:
+            raise ConfigError(f"{where}.alerts.{k}: a fraction of the budget above 0 (0.8 = 80%), got {threshold}")
+    url = budget.webhook_url
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.webhook_url: must be http:// or https://")
 
 
 def _check_store_url(url: str, where: str) -> None:

@@ -52,3 +52,20 @@ BATCH_RUNNABLE = BATCH_PREFIX + "runnable"  # zset: "<job id> <team>" by creatio
 def batch_key(team: str, *parts: str) -> str:
     """`eg:batch:{team}:<parts joined by ':'>`: a file, a job, or one of a job's lists."""
     return f"{BATCH_PREFIX}{{{team}}}:" + ":".join(parts)
+
+
+# Teams and keys made over the admin API (gateway/admin.py), and its audit log. One `{admin}` hash tag: a change
+# and its audit entry are written in one MULTI, which a cluster allows only within one slot.
+ADMIN_PREFIX = STATE_PREFIX + "admin:{admin}:"
+ADMIN_TEAMS = ADMIN_PREFIX + "teams"  # hash: team name → JSON record
+ADMIN_KEYS = ADMIN_PREFIX + "keys"  # hash: key id → JSON record (the key's sha256, never the key)
+ADMIN_VERSION = ADMIN_PREFIX + "version"  # counter, bumped by every change; replicas poll it
+ADMIN_AUDIT = ADMIN_PREFIX + "audit"  # zset: JSON entry by time in ms
+ADMIN_USED = ADMIN_PREFIX + "used"  # zset: key id by the last time it was used, in ms
+
+# Budget alerts already fired: one set of thresholds per team and UTC month (gateway/budget.py).
+BUDGET_PREFIX = STATE_PREFIX + "budget:"
+
+
+def budget_alerts_key(team: str, month: str) -> str:
+    return f"{BUDGET_PREFIX}{{{team}}}:alerts:{month}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as cfg
-from .auth import KeyRing
+from .auth import KeyRing, RuntimeKeys
 
 log = logging.getLogger("gateway")
 
@@ -31,9 +31,12 @@ class Snapshot:
 
 
 class LiveConfig:
-    def __init__(self, config: cfg.Config, path: str | Path | None = None) -> None:
+    def __init__(
+        self, config: cfg.Config, path: str | Path | None = None, runtime_keys: RuntimeKeys | None = None
+    ) -> None:
         self.path = Path(path) if path is not None else None
-        self._now = Snapshot(config, KeyRing(config))
+        self.runtime_keys = runtime_keys  # keys made over the admin API: every ring checks them too
+        self._now = Snapshot(config, KeyRing(config, runtime_keys))
         self._listeners: list[Callable[[cfg.Config], None]] = []
         self.reloads = 0
 
@@ -52,7 +55,8 @@ class LiveConfig:
     def swap(self, new: cfg.Config) -> list[str]:
         """Applies `new`; returns the settings that changed but need a restart (they keep their running value)."""
         effective, pending = keep_restart_only(self.config, new)
-        keyring = KeyRing(effective)  # built before the swap: a request sees the old ring or the new, whole
+        # Built before the swap: a request sees the old ring or the new, whole.
+        keyring = KeyRing(effective, self.runtime_keys)
         self._now = Snapshot(effective, keyring)
         self.reloads += 1
         for listener in self._listeners:

@@ -145,6 +145,9 @@ class Routes:
     def add_delete(self, path: str, handler: Handler) -> None:
         self.router.add_delete(path, _wrapped(path, handler))
 
+    def add_patch(self, path: str, handler: Handler) -> None:
+        self.router.add_patch(path, _wrapped(path, handler))
+
     def add_unmatched(self) -> None:
         resource = self.router.add_resource("/{unmatched:.*}")
 
