@@ -20,6 +20,7 @@ from . import config as cfg
 from .admin import Admin, open_admin_store
 from .auth import RuntimeKeys
 from .batch import BatchWorker
+from .budget import BudgetWatch, open_alert_claims
 from .cache import EmbeddingCache
 from .coalescer import Coalescer
 from .jobs import JobStore, open_job_store
@@ -107,6 +108,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     admin = app[K.ADMIN] = await _admin(app, state_redis)
     quota = _quota(app, state_redis)
     app[K.QUOTA] = quota
+    budget = app[K.BUDGET] = _budget(app, state_redis, quota, admin)
     upstream = UpstreamClient(config.upstream, base_url, metrics, pacer=_pacer(app, state_redis))
     coalescer = Coalescer(
         upstream, cache, config.coalesce, config.upstream, metrics,
@@ -126,6 +128,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         metrics.publish()  # a worker's last requests reach its multiprocess file
         await app[K.BATCH_WORKER].stop()  # idempotent: on_shutdown has usually done it already
         await admin.close()
+        await budget.close()
         await coalescer.close()
         await upstream.close()  # after the coalescer's calls have all finished
         await usage.close()  # after in-flight requests were tallied, before the state client closes
@@ -173,7 +176,7 @@ def _quota(app: web.Application, state_redis: Any) -> QuotaGate:
         backend = MemoryQuotaBackend(clock.time) if clock is not None else MemoryQuotaBackend()
     else:
         backend = RedisQuotaBackend(state_redis)
-    quota = QuotaGate(live.config.quota, backend, metrics, clock=clock)
+    quota = QuotaGate(live.config.quota, backend, metrics, clock=clock, prices=live.config.prices)
     live.on_change(quota.reconfigure)
 
     async def quota_remaining() -> None:
@@ -198,6 +201,19 @@ async def _admin(app: web.Application, state_redis: Any) -> Admin:
         log.warning("admin: could not load teams and keys from the state store: %s", exc)
     admin.start()
     return admin
+
+
+def _budget(app: web.Application, state_redis: Any, quota: QuotaGate, admin: Admin) -> BudgetWatch:
+    live, metrics = app[K.LIVE], app[K.METRICS]
+    budget = BudgetWatch(open_alert_claims(state_redis), metrics)
+    quota.watch = budget
+
+    async def budget_spent() -> None:
+        teams = [t for t in (*live.config.teams, *admin.teams.values()) if t.budget is not None]
+        await budget.refresh(quota, teams)
+
+    metrics.on_scrape(budget_spent, name="budget_spent")
+    return budget
 
 
 def _pacer(app: web.Application, state_redis: Any) -> Pacer | None:

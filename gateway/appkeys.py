@@ -9,6 +9,7 @@ from aiohttp import web
 from .admin import Admin
 from .auth import Principal
 from .batch import BatchWorker
+from .budget import BudgetWatch
 from .cache import EmbeddingCache
 from .coalescer import Coalescer
 from .jobs import JobStore
@@ -45,6 +46,8 @@ SIMULATOR = web.AppKey("simulator", Simulator)
 
 # Teams and keys made over the admin API, and the poller that keeps this replica's key ring current.
 ADMIN = web.AppKey("admin", Admin)
+# Budget alerts (fired once per team, month and threshold) and the spend gauge.
+BUDGET = web.AppKey("budget", BudgetWatch)
 
 # Per-request values (set by middlewares, read by handlers and the access log).
 PRINCIPAL = web.RequestKey("principal", Principal)

@@ -215,6 +215,19 @@ class Metrics:
             "eg_quota_limit", "A team policy's limit (tokens or requests per window)",
             ["team", "policy"], registry=r, multiprocess_mode="mostrecent",
         )
+        # Money budgets (gateway/budget.py): spent / budget this UTC month, reservations in flight included.
+        self.budget_spent_ratio = Gauge(
+            "eg_budget_spent_ratio", "Share of a team's monthly money budget spent", ["team"], registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.budget_alerts = Counter(
+            "eg_budget_alerts", "Budget alert thresholds crossed (once per team, month and threshold, fleet-wide)",
+            ["team", "threshold"], registry=r,
+        )
+        self.budget_webhook_failures = Counter(
+            "eg_budget_webhook_failures", "Budget alert webhook attempts that failed (each is retried)", ["team"],
+            registry=r,
+        )
         self.batch_jobs = Gauge(
             "eg_batch_jobs", "Batch jobs by status", ["status"], registry=r, multiprocess_mode="mostrecent"
         )

@@ -8,6 +8,10 @@ are one addition, and because the exact moment a request fits is one division, w
 promises. The price: after an idle spell a team may spend its whole minute at once and then the refill, so
 any 60 s can see up to twice the limit; the sustained rate is exactly the limit. Day and month quotas are
 fixed windows on UTC calendar boundaries, as people read invoices.
+
+A team's money budget (`budget.usd_per_month`) is a fifth policy in the same script: the misses' estimated cost
+(tokens × `prices`, in nano-USD so the arithmetic stays integer) is reserved in the same atomic step as the
+tokens and reconciled with what the upstream billed, so replicas overspend by at most one request's estimate.
 """
 
 from __future__ import annotations
@@ -50,33 +54,42 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None: ...
 
 
+BUDGET_POLICY = "budget_usd_per_month"  # the budget's name in RateLimit headers and metrics
+BUDGET = 4  # its index in a Verdict's `blocking`
+NANO_USD = 1_000_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """A team's policies in `POLICIES` order; 0 = no such policy."""
+    """A team's policies in `POLICIES` order (0 = no such policy), and its monthly budget in nano-USD (0 = none)."""
 
     values: tuple[int, int, int, int]
+    budget: int = 0
 
     @classmethod
-    def of(cls, quota: cfg.Quota) -> Limits:
-        return _limits_of(quota)
+    def of(cls, team: cfg.Team) -> Limits:
+        return _limits_of(team)
 
     def __bool__(self) -> bool:
-        return any(self.values)
+        return any(self.values) or self.budget > 0
 
 
-_LIMITS: dict[int, tuple[cfg.Quota, Limits, bool]] = {}  # id(quota) → (quota, its limits, whether any)
+_LIMITS: dict[int, tuple[cfg.Team, Limits, bool]] = {}  # id(team) → (team, its limits, whether any)
 
 
-def _limits_of(quota: cfg.Quota) -> Limits:
-    """Memoised by identity: admission asks for every request, a team's policies change only with the config,
-    and a frozen dataclass hashes in Python (the stored quota guards against a reused id)."""
-    hit = _LIMITS.get(id(quota))
-    if hit is not None and hit[0] is quota:
+def _limits_of(team: cfg.Team) -> Limits:
+    """Memoised by identity: admission asks for every request, a team's policies change only with the config
+    (or its admin API record), and a frozen dataclass hashes in Python (the stored team guards against a reused
+    id)."""
+    hit = _LIMITS.get(id(team))
+    if hit is not None and hit[0] is team:
         return hit[1]
-    limits = Limits(tuple(getattr(quota, name) or 0 for name in POLICIES))  # type: ignore[arg-type]
-    if len(_LIMITS) > 4096:  # reloads keep creating Quota objects: never let the memo grow without bound
+    quota = team.quota
+    budget = round(team.budget.usd_per_month * NANO_USD) if team.budget is not None else 0
+    limits = Limits(tuple(getattr(quota, name) or 0 for name in POLICIES), budget)  # type: ignore[arg-type]
+    if len(_LIMITS) > 4096:  # reloads keep creating Team objects: never let the memo grow without bound
         _LIMITS.clear()
-    _LIMITS[id(quota)] = (quota, limits, bool(limits))
+    _LIMITS[id(team)] = (team, limits, bool(limits))
     return limits
 
 
@@ -91,12 +104,13 @@ class Verdict:
     day: int  # UTC day number (days since 1970-01-01)
     month: int  # day number of the first day of the UTC month
     states: tuple[tuple[int, int], ...]  # per policy: (remaining, ms until fully reset)
+    budget: tuple[int, int] = (0, 0)  # (nano-USD left this month, ms until the month ends)
 
     @classmethod
     def from_reply(cls, reply: list[Any]) -> Verdict:
         v = [int(x) for x in reply]
         states = tuple((v[6 + 2 * i], v[7 + 2 * i]) for i in range(4))
-        return cls(bool(v[0]), v[1] - 1, v[2], v[3], v[4], v[5], states)
+        return cls(bool(v[0]), v[1] - 1, v[2], v[3], v[4], v[5], states, (v[14], v[15]))
 
 
 class QuotaBackend(Protocol):
@@ -104,7 +118,7 @@ class QuotaBackend(Protocol):
 
     async def run(
         self, team: str, limits: Limits, *, mode: Mode, requests: int, tokens: int,
-        reserved: tuple[int, int] = (0, 0), now_ms: int | None = None,
+        reserved: tuple[int, int] = (0, 0), now_ms: int | None = None, cost: int = 0,
     ) -> Verdict: ...
 
 
@@ -127,10 +141,12 @@ class TeamState:
     day_used: int = 0
     month: int = -1
     month_used: int = 0
+    spent: int = 0  # nano-USD of the budget spent in `month`
 
 
 def evaluate(
-    state: TeamState, now: int, limits: Limits, mode: Mode, requests: int, tokens: int, reserved: tuple[int, int]
+    state: TeamState, now: int, limits: Limits, mode: Mode, requests: int, tokens: int, reserved: tuple[int, int],
+    cost: int = 0,
 ) -> Verdict:
     """Mutates `state` exactly as quota.lua mutates the team's hash, and answers what it answers."""
     lim = limits.values
@@ -141,20 +157,27 @@ def evaluate(
     window = (0, 0, day, month)
     ends = (0, 0, (day + 1) * DAY_MS, month_end * DAY_MS)
     used = [0, 0, state.day_used if state.day == day else 0, state.month_used if state.month == month else 0]
+    spent = state.spent if state.month == month else 0
     admitted, blocking, wait = True, -1, 0
     if mode == "admit":
-        cost = (requests, tokens, tokens, tokens)
+        costs = (requests, tokens, tokens, tokens)
         for i in range(4):
-            w = _wait(i, lim[i], cost[i], levels[i] if i < 2 else used[i], ends[i] - now)
+            w = _wait(i, lim[i], costs[i], levels[i] if i < 2 else used[i], ends[i] - now)
             if w > wait:
                 admitted, blocking, wait = False, i, w
+        if limits.budget and cost > 0 and spent + cost > limits.budget and ends[3] - now > wait:
+            admitted, blocking, wait = False, BUDGET, ends[3] - now
         if admitted:
             for i in range(4):
                 if lim[i] and i < 2:
-                    levels[i] += cost[i] * PERIOD_MS
+                    levels[i] += costs[i] * PERIOD_MS
                 elif lim[i]:
-                    used[i] += cost[i]
+                    used[i] += costs[i]
+            if limits.budget:
+                spent += cost
     else:
+        if limits.budget and (cost > 0 or reserved[1] == month):
+            spent = max(0, spent + cost)
         if lim[1]:
             levels[1] = max(0, levels[1] + tokens * PERIOD_MS)
         for i in (2, 3):
@@ -162,8 +185,10 @@ def evaluate(
                 used[i] = max(0, used[i] + tokens)
     state.t = max(now, state.t if state.t is not None else now)
     state.levels, state.day, state.day_used, state.month, state.month_used = levels, day, used[2], month, used[3]
+    state.spent = spent
     states = tuple(_state(i, lim[i], levels[i] if i < 2 else used[i], ends[i] - now) for i in range(4))
-    return Verdict(admitted, blocking, wait, now, day, month, states)
+    budget = (max(0, limits.budget - spent), ends[3] - now) if limits.budget else (0, 0)
+    return Verdict(admitted, blocking, wait, now, day, month, states, budget)
 
 
 def _wait(i: int, limit: int, cost: int, level: int, to_window_end: int) -> int:
@@ -193,11 +218,11 @@ class MemoryQuotaBackend:
 
     async def run(
         self, team: str, limits: Limits, *, mode: Mode, requests: int, tokens: int,
-        reserved: tuple[int, int] = (0, 0), now_ms: int | None = None,
+        reserved: tuple[int, int] = (0, 0), now_ms: int | None = None, cost: int = 0,
     ) -> Verdict:
         now = now_ms if now_ms is not None else math.floor(self.clock() * 1000)
         state = self._teams.setdefault(team, TeamState())
-        return evaluate(state, now, limits, mode, requests, tokens, reserved)
+        return evaluate(state, now, limits, mode, requests, tokens, reserved, cost)
 
 
 class RedisQuotaBackend:
@@ -208,9 +233,10 @@ class RedisQuotaBackend:
 
     async def run(
         self, team: str, limits: Limits, *, mode: Mode, requests: int, tokens: int,
-        reserved: tuple[int, int] = (0, 0), now_ms: int | None = None,
+        reserved: tuple[int, int] = (0, 0), now_ms: int | None = None, cost: int = 0,
     ) -> Verdict:
-        args = ["" if now_ms is None else now_ms, mode, *limits.values, requests, tokens, *reserved]
+        args = ["" if now_ms is None else now_ms, mode, *limits.values, requests, tokens, *reserved, limits.budget,
+                cost]
         return Verdict.from_reply(await self._script(keys=[quota_key(team)], args=args))
 
 
@@ -226,6 +252,13 @@ class Reservation:
     windows: tuple[int, int]  # the UTC day and month the tokens were reserved in
     local: bool  # reserved on the local limiter (state store down, on_store_error: open)
     headers: dict[str, str]
+    cost: int = 0  # nano-USD reserved against the budget (cached tokens cost nothing)
+    price: float = 0.0  # nano-USD per token of the request's model
+    owner: cfg.Team | None = None  # the team, when it has a budget (its spend is watched after reconcile)
+
+
+# Told of every verdict on a team with a budget (alerts, the spend gauge); must not block.
+SpendWatch = Callable[[cfg.Team, Limits, Verdict], None]
 
 
 class QuotaGate:
@@ -239,10 +272,13 @@ class QuotaGate:
         *,
         clock: Clock | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        prices: dict[str, float] | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
+        self.prices = prices or {}  # USD per 1M tokens by model (`prices`), replaced by `reconfigure`
+        self.watch: SpendWatch | None = None
         self.clock = clock
         self.monotonic = monotonic
         self.local = MemoryQuotaBackend(clock.time if clock is not None else time.time)
@@ -254,50 +290,69 @@ class QuotaGate:
         )
 
     def applies(self, team: cfg.Team) -> bool:
-        hit = _LIMITS.get(id(team.quota))  # `_limits_of`'s memo, read inline: this runs for every request
-        if hit is not None and hit[0] is team.quota:
+        hit = _LIMITS.get(id(team))  # `_limits_of`'s memo, read inline: this runs for every request
+        if hit is not None and hit[0] is team:
             return hit[2]
-        return bool(_limits_of(team.quota))
+        return bool(_limits_of(team))
 
-    async def reserve(self, team: cfg.Team, *, estimate_tokens: int, cached_tokens: int) -> Reservation | None:
-        limits = Limits.of(team.quota)
+    async def reserve(
+        self, team: cfg.Team, *, estimate_tokens: int, cached_tokens: int, model: str = ""
+    ) -> Reservation | None:
+        limits = Limits.of(team)
         if not limits:
             return None
         cached_charge = math.ceil(self.settings.cached_token_weight * cached_tokens)
         charge = estimate_tokens + cached_charge
+        price = self.prices.get(model, 0.0) * 1000 if limits.budget else 0.0
+        cost = round(estimate_tokens * price)
         self._check_fits(team, limits, charge)
-        verdict, local = await self._run(team.name, limits, mode="admit", requests=1, tokens=charge)
+        verdict, local = await self._run(team.name, limits, mode="admit", requests=1, tokens=charge, cost=cost)
         headers = rate_limit_headers(limits, verdict)
+        owner = team if limits.budget else None
+        if owner is not None and self.watch is not None:
+            self.watch(owner, limits, verdict)
         if not verdict.admitted:
             raise self._refusal(team, verdict, charge, headers)
         windows = (verdict.day, verdict.month)
-        return Reservation(team.name, limits, charge, cached_charge, windows, local, headers)
+        return Reservation(team.name, limits, charge, cached_charge, windows, local, headers, cost, price, owner)
 
     async def reconcile(self, reservation: object, *, actual_tokens: int) -> None:
-        """Refunds or charges what the estimate got wrong; never fails the request it follows."""
+        """Refunds or charges what the estimate got wrong (tokens and money); never fails the request it follows."""
         assert isinstance(reservation, Reservation)
         diff = actual_tokens + reservation.cached_charge - reservation.charged
-        if diff == 0:
+        cost = round(actual_tokens * reservation.price) - reservation.cost
+        if diff == 0 and cost == 0:
             return
-        kwargs: dict[str, Any] = {"mode": "adjust", "requests": 0, "tokens": diff, "reserved": reservation.windows}
-        if reservation.local:
-            await self.local.run(reservation.team, reservation.limits, now_ms=self._now(), **kwargs)
-            return
+        kwargs: dict[str, Any] = {"mode": "adjust", "requests": 0, "tokens": diff, "reserved": reservation.windows,
+                                  "cost": cost}
+        backend: QuotaBackend = self.local if reservation.local else self.backend
         try:
-            await self.backend.run(reservation.team, reservation.limits, now_ms=self._now(), **kwargs)
+            verdict = await backend.run(reservation.team, reservation.limits, now_ms=self._now(), **kwargs)
         except STORE_ERRORS as exc:
             self.breaker.failed(exc, "reconcile")
+            return
+        if reservation.owner is not None and self.watch is not None:
+            self.watch(reservation.owner, reservation.limits, verdict)
 
     def reconfigure(self, config: cfg.Config) -> None:
-        """A reload: `quota.*` settings apply from the next request (team policies travel with each team)."""
+        """A reload: `quota.*` settings and prices apply from the next request (team policies travel with each
+        team)."""
         self.settings = config.quota
+        self.prices = config.prices
+
+    async def budget_state(self, team: cfg.Team) -> Verdict | None:
+        """Where the team's budget stands now, spending nothing (None: no budget); store errors propagate."""
+        limits = Limits.of(team)
+        if not limits.budget:
+            return None
+        return await self.backend.run(team.name, limits, mode="admit", requests=0, tokens=0, now_ms=self._now())
 
     async def remaining_all(self, teams: Iterable[cfg.Team]) -> dict[tuple[str, ...], float]:
         """(team, policy) → units left now, from the shared store (for the `eg_quota_remaining` gauge).
 
         Store errors propagate: a scrape hook that fails leaves the gauge as it was instead of local guesses.
         """
-        shared = [(t.name, Limits.of(t.quota)) for t in teams if Limits.of(t.quota)]
+        shared = [(t.name, Limits.of(t)) for t in teams if any(Limits.of(t).values)]
         now_ms = self._now()
         verdicts = await asyncio.gather(*(
             self.backend.run(name, limits, mode="admit", requests=0, tokens=0, now_ms=now_ms)
@@ -311,7 +366,7 @@ class QuotaGate:
 
     async def peek(self, team: cfg.Team) -> dict[str, str]:
         """The team's headers without spending anything (for answers that never reached admission)."""
-        limits = Limits.of(team.quota)
+        limits = Limits.of(team)
         if not limits:
             return {}
         try:
@@ -331,9 +386,18 @@ class QuotaGate:
                 )
 
     def _refusal(self, team: cfg.Team, verdict: Verdict, charge: int, headers: dict[str, str]) -> QuotaExceeded:
-        policy = POLICIES[verdict.blocking]
+        policy = BUDGET_POLICY if verdict.blocking == BUDGET else POLICIES[verdict.blocking]
         self.metrics.quota_rejections.labels(team.name, policy).inc()
         retry_after = max(1, math.ceil(verdict.wait_ms / 1000))
+        if verdict.blocking == BUDGET:
+            exc = QuotaExceeded(
+                policy, retry_after,
+                f"team {team.name!r} has spent its budget for this month (USD "
+                f"{Limits.of(team).budget / NANO_USD:g}); it renews at the start of next month (UTC), "
+                f"in {retry_after} s", code="BUDGET_EXCEEDED",
+            )
+            exc.headers.update(headers)
+            return exc
         if verdict.blocking == 0:
             code, what = "RATE_REQUEST_LIMIT_EXCEEDED", "1 request"
         else:
@@ -381,4 +445,13 @@ def rate_limit_headers(limits: Limits, verdict: Verdict) -> dict[str, str]:
         policies.append(f'"{name}";q={limit}{unit};w={windows[i]}')
         remaining, reset_ms = verdict.states[i]
         states.append(f'"{name}";r={remaining};t={-(-reset_ms // 1000)}')
+    if limits.budget:
+        left, reset_ms = verdict.budget
+        policies.append(f'"{BUDGET_POLICY}";q={_usd(limits.budget)};qu="usd";w={windows[3]}')
+        states.append(f'"{BUDGET_POLICY}";r={_usd(left)};t={-(-reset_ms // 1000)}')
     return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)}
+
+
+def _usd(nano: int) -> str:
+    """Dollars as a structured-field decimal (at most three fraction digits: RFC 8941), rounded down."""
+    return f"{nano // 1_000_000 / 1000:.3f}"

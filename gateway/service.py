@@ -48,7 +48,11 @@ class Admission(Protocol):
         await, on every request)."""
         ...
 
-    async def reserve(self, team: cfg.Team, *, estimate_tokens: int, cached_tokens: int) -> object: ...
+    async def reserve(
+        self, team: cfg.Team, *, estimate_tokens: int, cached_tokens: int, model: str = ""
+    ) -> object:
+        """`model` prices the estimate against a money budget."""
+        ...
 
     async def reconcile(self, reservation: object, *, actual_tokens: int) -> None: ...
 
@@ -100,7 +104,7 @@ class EmbeddingService:
         outcome = Outcome(vectors=[], tokens=0, hits=len(unique) - len(misses), duplicates=len(keys) - len(unique))
         if misses:
             if self.admits(team):
-                outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
+                outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found, request.model)
             try:
                 await self._fetch(team, request, prefix, misses, found, outcome, deadline, priority)
             finally:
@@ -160,11 +164,11 @@ class EmbeddingService:
         if reservation is not None and self.admission is not None:
             await self.admission.reconcile(reservation, actual_tokens=actual_tokens)
 
-    async def _reserve(self, team: cfg.Team, estimate_tokens: int, found: dict[bytes, Entry]) -> object:
+    async def _reserve(self, team: cfg.Team, estimate_tokens: int, found: dict[bytes, Entry], model: str) -> object:
         if self.admission is None:
             return None
         cached = sum(e.tokens for e in found.values())
-        return await self.admission.reserve(team, estimate_tokens=estimate_tokens, cached_tokens=cached)
+        return await self.admission.reserve(team, estimate_tokens=estimate_tokens, cached_tokens=cached, model=model)
 
     async def _embed_unit(
         self, team: cfg.Team, request: EmbeddingRequest, prefix: bytes, deadline: float
@@ -177,9 +181,9 @@ class EmbeddingService:
                 tokens=entry.tokens,
                 hits=len(request.items),
                 cached_tokens=entry.tokens,
-                reservation=await self._reserve(team, 0, {key: entry}),
+                reservation=await self._reserve(team, 0, {key: entry}, request.model),
             )
-        reservation = await self._reserve(team, sum(estimate(i) for i in request.items), {})
+        reservation = await self._reserve(team, sum(estimate(i) for i in request.items), {}, request.model)
         actual = 0
         try:
             entry, joined = await self.coalescer.submit_unit(

@@ -10,8 +10,10 @@
 -- ARGV[7]   requests to count (admit: 0 or 1)
 -- ARGV[8]   tokens (admit: the charge; adjust: the signed difference)
 -- ARGV[9]   adjust: the UTC day number of the reservation; ARGV[10]: its month's first day number
--- Returns   {admitted, blocking policy (1-4, 0 = none), wait ms, now ms, day number, month first day,
---            remaining_1, reset_ms_1, ..., remaining_4, reset_ms_4}
+-- ARGV[11]  the monthly money budget in nano-USD (0 = none); its spend is the hash's bw / bn (month, nano-USD)
+-- ARGV[12]  nano-USD (admit: the estimated cost; adjust: the signed difference)
+-- Returns   {admitted, blocking policy (1-4, 5 = budget, 0 = none), wait ms, now ms, day number, month first day,
+--            remaining_1, reset_ms_1, ..., remaining_4, reset_ms_4, budget remaining, budget reset_ms}
 
 local PERIOD = 60000
 local DAY = 86400000
@@ -53,8 +55,10 @@ local mode = ARGV[2]
 local limit = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
 local requests = tonumber(ARGV[7])
 local tokens = tonumber(ARGV[8])
+local budget = tonumber(ARGV[11]) or 0
+local cost = tonumber(ARGV[12]) or 0
 
-local h = redis.call('HMGET', KEYS[1], 't', 'r', 'k', 'dw', 'dn', 'mw', 'mn')
+local h = redis.call('HMGET', KEYS[1], 't', 'r', 'k', 'dw', 'dn', 'mw', 'mn', 'bw', 'bn')
 local elapsed = math.max(0, now - (tonumber(h[1]) or now))
 
 -- Token buckets hold `level` = (units still to drain) * PERIOD; they drain `limit` per ms.
@@ -73,17 +77,19 @@ local window_end = {0, 0, (day + 1) * DAY, month_end * DAY}
 local used = {0, 0, 0, 0}
 if tonumber(h[4]) == day then used[3] = tonumber(h[5]) end
 if tonumber(h[6]) == month then used[4] = tonumber(h[7]) end
+local spent = 0
+if tonumber(h[8]) == month then spent = tonumber(h[9]) end
 
 local admitted, blocking, wait = 1, 0, 0
 if mode == 'admit' then
-  local cost = {requests, tokens, tokens, tokens}
+  local costs = {requests, tokens, tokens, tokens}
   for i = 1, 4 do
     local w = 0
-    if limit[i] > 0 and cost[i] > 0 then
+    if limit[i] > 0 and costs[i] > 0 then
       if i <= 2 then
-        local over = level[i] + cost[i] * PERIOD - limit[i] * PERIOD
+        local over = level[i] + costs[i] * PERIOD - limit[i] * PERIOD
         if over > 0 then w = math.ceil(over / limit[i]) end
-      elseif used[i] + cost[i] > limit[i] then
+      elseif used[i] + costs[i] > limit[i] then
         w = window_end[i] - now
       end
     end
@@ -91,13 +97,17 @@ if mode == 'admit' then
       admitted, blocking, wait = 0, i, w
     end
   end
+  if budget > 0 and cost > 0 and spent + cost > budget and window_end[4] - now > wait then
+    admitted, blocking, wait = 0, 5, window_end[4] - now
+  end
   if admitted == 1 then
     for i = 1, 2 do
-      if limit[i] > 0 then level[i] = level[i] + cost[i] * PERIOD end
+      if limit[i] > 0 then level[i] = level[i] + costs[i] * PERIOD end
     end
     for i = 3, 4 do
-      if limit[i] > 0 then used[i] = used[i] + cost[i] end
+      if limit[i] > 0 then used[i] = used[i] + costs[i] end
     end
+    if budget > 0 then spent = spent + cost end
   end
 else
   -- Reconcile: a refund lands only in the window it was reserved in; a charge lands in the current one.
@@ -108,6 +118,7 @@ else
       used[i] = math.max(0, used[i] + tokens)
     end
   end
+  if budget > 0 and (cost > 0 or reserved[4] == month) then spent = math.max(0, spent + cost) end
 end
 
 local out = {admitted, blocking, wait, now, day, month}
@@ -127,9 +138,17 @@ for i = 1, 4 do
   out[#out + 1] = remaining
   out[#out + 1] = reset
 end
+if budget > 0 then
+  out[#out + 1] = math.max(0, budget - spent)
+  out[#out + 1] = window_end[4] - now
+  ttl = math.max(ttl, window_end[4] - now)
+else
+  out[#out + 1] = 0
+  out[#out + 1] = 0
+end
 
 redis.call('HSET', KEYS[1], 't', math.max(now, tonumber(h[1]) or now), 'r', level[1], 'k', level[2],
-  'dw', day, 'dn', used[3], 'mw', month, 'mn', used[4])
+  'dw', day, 'dn', used[3], 'mw', month, 'mn', used[4], 'bw', month, 'bn', string.format('%.0f', spent))
 -- The state is worthless once every bucket is drained and every window is over.
 redis.call('PEXPIRE', KEYS[1], ttl + 1000)
 return out
