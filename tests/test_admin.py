@@ -200,3 +200,23 @@ async def test_team_keys_cannot_use_the_admin_api(gateway: Gateway) -> None:
         assert (status, body["code"]) == (403, "ADMIN_ONLY")
     assert (await call(client, "GET", "/admin/teams", key=None))[0] == 401
     assert client.app[K.ADMIN].team_records.keys() == {"t"}
+
+
+async def test_admin_answers_match_the_documented_schemas(gateway: Gateway) -> None:
+    from .test_openapi import check
+
+    client = await gateway()
+    status, team = await call(client, "POST", "/admin/teams", body={"name": "doc", "budget": {"usd_per_month": 5}})
+    assert status == 201
+    check(team, "Team")
+    for listed in (await call(client, "GET", "/admin/teams"))[1]["data"]:
+        check(listed, "Team")
+    status, made = await call(client, "POST", "/admin/teams/doc/keys", body={"label": "x"})
+    check(made, "NewKey")
+    check((await call(client, "GET", "/admin/teams/doc/keys"))[1]["data"][0], "Key")
+    check((await call(client, "DELETE", f"/admin/keys/{made['id']}"))[1], "Key")
+    for entry in (await call(client, "GET", "/admin/audit"))[1]["data"]:
+        check(entry, "AuditEntry")
+    status, error = await call(client, "DELETE", "/admin/teams/team-a")
+    assert status == 409
+    check(error, "Error")
