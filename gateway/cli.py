@@ -1,4 +1,4 @@
-"""`embedding-gateway serve | keys new | keys hash | sim | check-config`."""
+"""`embedding-gateway serve | keys new | keys hash | admin ... | sim | check-config`."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     new.set_defaults(func=_keys_new)
     hash_ = keys_sub.add_parser("hash", help="print the config line for an existing key (read from stdin)")
     hash_.set_defaults(func=_keys_hash)
+
+    from .admin_cli import add_parser as add_admin
+
+    add_admin(sub)
 
     sim = sub.add_parser("sim", help="run the simulated Jina upstream as its own server")
     sim.add_argument("--host", default="127.0.0.1")
