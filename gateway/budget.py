@@ -184,3 +184,17 @@ class BudgetWatch:
                 await task
         if self._session is not None:
             await self._session.close()
+
+
+async def budget_rows(quota: QuotaGate, teams: Iterable[cfg.Team]) -> list[dict[str, Any]]:
+    """Spend vs budget this UTC month of each team with a budget, for the usage API (store errors propagate)."""
+    rows = []
+    for team in sorted(teams, key=lambda t: t.name):
+        verdict = await quota.budget_state(team)
+        if verdict is None:
+            continue
+        limits = Limits.of(team)
+        spent = limits.budget - verdict.budget[0]
+        rows.append({"team": team.name, "month": month_name(verdict.month), "spent_usd": spent / NANO_USD,
+                     "budget_usd": limits.budget / NANO_USD, "spent_ratio": spent / limits.budget})
+    return rows

@@ -18,10 +18,11 @@ from . import config as cfg
 from . import openapi as openapi_doc
 from .answer import JsonAnswer, header_lines
 from .auth import Principal
+from .budget import budget_rows
 from .errors import Forbidden, GatewayError, PayloadTooLarge, RequestTimeout, StateUnavailable
 from .memo import Replay
 from .protocol import parse_embedding_request, parse_json_object
-from .quota import Reservation
+from .quota import STORE_ERRORS, Reservation
 from .usage import build_report, parse_query
 
 
@@ -233,6 +234,7 @@ async def usage(request: web.Request) -> web.Response:
         request.app[K.METRICS].store_errors.labels("state", "usage_read").inc()
         raise StateUnavailable("the usage store cannot be read now; retry shortly") from exc
     report = build_report(query, tallies)
+    report.budgets = await _budgets(request, teams)
     if query.format == "csv":
         name = f"usage_{query.start.isoformat()}_{query.end.isoformat()}.csv"
         return web.Response(
@@ -240,6 +242,17 @@ async def usage(request: web.Request) -> web.Response:
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
     return web.Response(body=report.json(), content_type="application/json")
+
+
+async def _budgets(request: web.Request, visible: list[str] | None) -> list[dict[str, object]]:
+    """Spend vs budget of the visible teams (config-file and admin API ones) this month."""
+    app = request.app
+    teams = [*app[K.LIVE].config.teams, *app[K.ADMIN].teams.values()]
+    try:
+        return await budget_rows(app[K.QUOTA], [t for t in teams if visible is None or t.name in visible])
+    except STORE_ERRORS as exc:
+        app[K.METRICS].store_errors.labels("state", "usage_read").inc()
+        raise StateUnavailable("the budget store cannot be read now; retry shortly") from exc
 
 
 def _visible_teams(principal: Principal, asked: tuple[str, ...] | None) -> list[str] | None:

@@ -383,12 +383,15 @@ class UsageReport:
     query: UsageQuery
     rows: list[dict[str, Any]] = field(default_factory=list)
     total: Tally = field(default_factory=Tally)
+    # Spend vs budget this UTC month per visible team with a budget (gateway/budget.py `budget_rows`).
+    budgets: list[dict[str, Any]] = field(default_factory=list)
 
     def json(self) -> bytes:
         q = self.query
         return orjson.dumps({
             "object": "usage", "start": q.start.isoformat(), "end": q.end.isoformat(),
             "group_by": list(q.group_by), "data": self.rows, "total": self.total.as_dict(),
+            "budgets": self.budgets,
         })
 
     def csv(self) -> str:

@@ -103,6 +103,13 @@ async def test_reconcile_charges_what_the_upstream_billed(gateway: Gateway) -> N
     assert status == 200 and headers["X-Upstream-Tokens"] == "10"
     verdict = await client.app[K.QUOTA].budget_state(client.app[K.LIVE].config.teams[0])
     assert verdict is not None and verdict.budget[0] == 1_000_000_000 - 10 * 1_000_000
+    # The usage API shows spend vs budget this month.
+    usage = await (await client.get("/v1/usage", headers=auth(TEAM_A_KEY))).json()
+    assert usage["budgets"] == [{"team": "team-a", "month": "2026-03", "spent_usd": 0.01, "budget_usd": 1.0,
+                                 "spent_ratio": 0.01}]
+    from .test_openapi import check
+
+    check(usage, "UsageReport")
 
 
 class Receiver:

@@ -86,7 +86,7 @@ def test_dashboard_has_the_panels_the_platform_team_needs() -> None:
     titles = {p["title"] for p in panels()}
     for wanted in ("Tokens billed vs saved by team", "Cost and cost saved by team (USD per hour)", "Cache hit ratio",
                    "Request latency", "Upstream latency", "429s by team and policy", "Upstream errors and retries",
-                   "Inputs per upstream call", "Quota remaining"):
+                   "Inputs per upstream call", "Quota remaining", "Budget spent (share of the month's budget)"):
         assert wanted in titles
     latency = [p for p in panels() if p["title"] in ("Request latency", "Upstream latency")]
     for panel in latency:
@@ -193,7 +193,7 @@ def has_finite_value(body: dict[str, Any]) -> bool:
 TEAM_C_KEY = "eg-test-team-c"
 TEAMS = [
     {"name": "team-a", "keys": [hash_key(TEAM_A_KEY)],
-     "quota": {"tokens_per_day": 10_000_000, "requests_per_minute": 100_000}},
+     "quota": {"tokens_per_day": 10_000_000, "requests_per_minute": 100_000}, "budget": {"usd_per_month": 1000}},
     {"name": "team-b", "keys": [hash_key(TEAM_B_KEY)], "quota": {"tokens_per_minute": 5_000_000}},
     {"name": "team-c", "keys": [hash_key(TEAM_C_KEY)], "quota": {"requests_per_minute": 1}},
 ]
