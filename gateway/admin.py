@@ -179,7 +179,8 @@ class Admin:
 
     async def refresh(self) -> None:
         version, teams, keys = await self.store.load()
-        built = {name: self._team_of(record) for name, record in teams.items()}
+        taken = {t.name for t in self.config().teams}  # a config-file team of the same name wins
+        built = {name: self._team_of(record) for name, record in teams.items() if name not in taken}
         table: dict[bytes, RuntimeKey] = {}
         for key_id, record in keys.items():
             team = built.get(record["team"])
@@ -190,7 +191,7 @@ class Admin:
             table[digest] = RuntimeKey(digest, Principal(team, key_id=key_id),
                                        None if expires is None else _seconds(expires))
         self.version, self.team_records, self.key_records, self.teams = version, teams, keys, built
-        self.runtime.replace(table)
+        self.runtime.replace(table, built)
 
     def _team_of(self, record: Record) -> cfg.Team:
         old = self.teams.get(record["name"])

@@ -58,10 +58,11 @@ class RuntimeKeys:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.by_hash: Mapping[bytes, RuntimeKey] = {}
+        self.teams: Mapping[str, cfg.Team] = {}  # the teams those keys belong to, by name
         self.used: dict[str, float] = {}  # key id → when this process last accepted it (flushed by admin.py)
 
-    def replace(self, keys: Mapping[bytes, RuntimeKey]) -> None:
-        self.by_hash = keys
+    def replace(self, keys: Mapping[bytes, RuntimeKey], teams: Mapping[str, cfg.Team]) -> None:
+        self.by_hash, self.teams = keys, teams
 
     def find(self, digest: bytes) -> RuntimeKey | None:
         return self.by_hash.get(digest)

@@ -272,7 +272,7 @@ class BatchWorker:
 
     async def _execute(self, job: Job) -> str:
         """Runs the chunks not yet committed, a few at once, committing them in order; the final status."""
-        team = next((t for t in self.live.config.teams if t.name == job.team), None)
+        team = self.live.team(job.team)
         if team is None:
             raise JobBroken(f"team {job.team!r} is no longer configured")
         pending: deque[asyncio.Task[_Chunk]] = deque()

@@ -48,6 +48,13 @@ class LiveConfig:
     def keyring(self) -> KeyRing:
         return self._now.keyring
 
+    def team(self, name: str) -> cfg.Team | None:
+        """The team of that name now: from the config file, else made over the admin API."""
+        found = next((t for t in self.config.teams if t.name == name), None)
+        if found is None and self.runtime_keys is not None:
+            found = self.runtime_keys.teams.get(name)
+        return found
+
     def on_change(self, listener: Callable[[cfg.Config], None]) -> None:
         """Parts that copied a live setting at start-up (the coalescer's batching) get the new one here."""
         self._listeners.append(listener)

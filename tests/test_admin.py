@@ -220,3 +220,16 @@ async def test_admin_answers_match_the_documented_schemas(gateway: Gateway) -> N
     status, error = await call(client, "DELETE", "/admin/teams/team-a")
     assert status == 409
     check(error, "Error")
+
+
+async def test_a_team_made_over_the_api_runs_batch_jobs(gateway: Gateway) -> None:
+    from .test_batch import jsonl, line, settled, submit, upload
+
+    client = await gateway()
+    await call(client, "POST", "/admin/teams", body={"name": "batcher"})
+    key = (await call(client, "POST", "/admin/teams/batcher/keys"))[1]["key"]
+    status, file = await upload(client, jsonl([line("a", "x"), line("b", "y")]), key=key)
+    assert status == 200
+    status, job = await submit(client, {"model": MODEL, "input_file_id": file["id"]}, key=key)
+    assert status == 202, job
+    assert (await settled(client, job["id"], team="batcher")).status == "completed"

@@ -433,7 +433,7 @@ class Admission:
     def applies(self, team: Any) -> bool:
         return True
 
-    async def reserve(self, team: Any, *, estimate_tokens: int, cached_tokens: int) -> object:
+    async def reserve(self, team: Any, *, estimate_tokens: int, cached_tokens: int, model: str = "") -> object:
         if self.refusals:
             raise self.refusals.pop(0)
         return object()
