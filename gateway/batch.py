@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 
 from . import config as cfg
-from .cache import decode, encode
+from .codec import decode, encode
 from .errors import (
     GatewayError,
     Overloaded,
@@ -38,7 +38,8 @@ from .files import Line, LineError, decode_chunk
 from .jobs import Job, JobStore
 from .live import LiveConfig
 from .metrics import Metrics
-from .protocol import EmbeddingRequest, parse_embedding_request, render_embeddings
+from .protocol import EmbeddingRequest, parse_embedding_request
+from .render import render_embeddings
 from .service import EmbeddingService, Outcome
 from .usage import Tally, UsageRecorder
 
