@@ -3,11 +3,13 @@ within 2 s without a reload, and a key revoked through another is refused by all
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -21,14 +23,15 @@ REPLICAS = 3
 PROPAGATION_S = 2.0  # the issue's promise
 
 
-@pytest.fixture
-def replicas(redis_url: str, tmp_path: Path) -> Iterator[list[str]]:
+@contextlib.contextmanager
+def serve_replicas(redis_url: str, tmp_path: Path, **overrides: Any) -> Iterator[list[str]]:
+    """`REPLICAS` gateway processes (`serve`) sharing one Redis for cache and state; their base URLs."""
     procs, urls = [], []
     try:
         for i in range(REPLICAS):
             port = free_port()
             config = base_config(listen={"host": "127.0.0.1", "port": port}, cache={"url": redis_url},
-                                 state={"url": redis_url}, log_level="WARNING")
+                                 state={"url": redis_url}, log_level="WARNING", **overrides)
             path = tmp_path / f"replica-{i}.yaml"
             path.write_bytes(orjson.dumps(config))
             with (tmp_path / f"replica-{i}.log").open("wb") as log:
@@ -43,6 +46,12 @@ def replicas(redis_url: str, tmp_path: Path) -> Iterator[list[str]]:
             proc.terminate()
         for proc in procs:
             proc.wait(30)
+
+
+@pytest.fixture
+def replicas(redis_url: str, tmp_path: Path) -> Iterator[list[str]]:
+    with serve_replicas(redis_url, tmp_path) as urls:
+        yield urls
 
 
 def embed_status(url: str, key: str) -> int:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -93,6 +96,30 @@ async def test_three_replicas_spend_exactly_the_budget(gateway: Gateway, redis_u
     assert status == 200 and headers["X-Upstream-Tokens"] == "0"
     policy = headers["RateLimit-Policy"]
     assert '"budget_usd_per_month";q=0.300;qu="usd";w=2678400' in policy  # March: 31 days
+
+
+@pytest.mark.slow
+async def test_three_serve_processes_spend_exactly_the_budget(redis_url: str, tmp_path: Path) -> None:
+    """The same on three `serve` processes, on Redis TIME (no injected clock): Retry-After is the real time left
+    until the next month (UTC)."""
+    from .test_admin_replicas import serve_replicas
+
+    with serve_replicas(redis_url, tmp_path, prices={MODEL: PRICE}, teams=budget_team(100 * REQUEST_USD)) as urls:
+        before = time.time()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=300)) as session:
+            answers = await asyncio.gather(*(post(session, f"{urls[i % 3]}/v1/embeddings", f"{i:04d}")
+                                             for i in range(300)))
+        after = time.time()
+    statuses = [status for status, _, _ in answers]
+    assert statuses.count(200) == 100 and statuses.count(429) == 200
+    now = datetime.now(UTC)
+    following = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC).timestamp()
+    for status, headers, body in answers:
+        if status == 429:
+            assert body["code"] == "BUDGET_EXCEEDED"
+            assert following - after - 1 <= int(headers["Retry-After"]) <= following - before + 1
+            assert '"budget_usd_per_month";r=0.000;' in headers["RateLimit"]
+    assert sum(int(h["X-Upstream-Tokens"]) for s, h, _ in answers if s == 200) == 300
 
 
 async def test_reconcile_charges_what_the_upstream_billed(gateway: Gateway) -> None:
