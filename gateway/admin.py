@@ -173,13 +173,15 @@ class Admin:
         self.team_records: dict[str, Record] = {}
         self.key_records: dict[str, Record] = {}
         self.teams: dict[str, cfg.Team] = {}  # API teams, rebuilt only when their record changed
+        self._built_for: cfg.Config | None = None  # the config the tables were built against
         self._task: asyncio.Task[None] | None = None
 
     # ---- keeping the replica current -------------------------------------------------------------------
 
     async def refresh(self) -> None:
         version, teams, keys = await self.store.load()
-        taken = {t.name for t in self.config().teams}  # a config-file team of the same name wins
+        config = self.config()
+        taken = {t.name for t in config.teams}  # a config-file team of the same name wins
         built = {name: self._team_of(record) for name, record in teams.items() if name not in taken}
         table: dict[bytes, RuntimeKey] = {}
         for key_id, record in keys.items():
@@ -191,6 +193,7 @@ class Admin:
             table[digest] = RuntimeKey(digest, Principal(team, key_id=key_id),
                                        None if expires is None else _seconds(expires))
         self.version, self.team_records, self.key_records, self.teams = version, teams, keys, built
+        self._built_for = config
         self.runtime.replace(table, built)
 
     def _team_of(self, record: Record) -> cfg.Team:
@@ -210,17 +213,25 @@ class Admin:
         await self._touch()
 
     async def _run(self) -> None:
-        touched = time.monotonic()
+        touched, failing = time.monotonic(), False
         while True:
             await asyncio.sleep(self.poll_s)
             try:
-                if await self.store.version() != self.version:
+                # A reload may have given a config-file team an API team's name: the config file's wins.
+                if await self.store.version() != self.version or self.config() is not self._built_for:
                     await self.refresh()
                 if time.monotonic() - touched >= self.touch_s:
                     touched = time.monotonic()
                     await self._touch()
             except Exception as exc:  # a state store outage: keep serving the tables we have
-                log.warning("admin: could not read teams and keys from the state store: %s", exc)
+                if not failing:
+                    log.warning("admin: cannot read teams and keys from the state store (%s); serving the ones "
+                                "this replica has until it answers", exc)
+                failing = True
+            else:
+                if failing:
+                    log.warning("admin: the state store answers again; teams and keys are current")
+                failing = False
 
     async def _touch(self) -> None:
         used, self.runtime.used = self.runtime.used, {}
@@ -233,7 +244,7 @@ class Admin:
 
     def list_teams(self) -> list[Record]:
         own = [_config_team_view(t) for t in self.config().teams]
-        return own + [self._api_team_view(self.team_records[name]) for name in sorted(self.team_records)]
+        return own + [self._api_team_view(self.team_records[name]) for name in sorted(self.teams)]
 
     def get_team(self, name: str) -> Record:
         for team in self.config().teams:

@@ -195,7 +195,8 @@ async def usage(request: web.Request) -> web.Response:
         request.app[K.METRICS].store_errors.labels("state", "usage_read").inc()
         raise StateUnavailable("the usage store cannot be read now; retry shortly") from exc
     report = build_report(query, tallies)
-    report.budgets = await _budgets(request, teams)
+    if query.format != "csv":
+        report.budgets = await _budgets(request, teams)
     if query.format == "csv":
         name = f"usage_{query.start.isoformat()}_{query.end.isoformat()}.csv"
         return web.Response(

@@ -305,7 +305,7 @@ class QuotaGate:
         charge = estimate_tokens + cached_charge
         price = self.prices.get(model, 0.0) * 1000 if limits.budget else 0.0
         cost = round(estimate_tokens * price)
-        self._check_fits(team, limits, charge)
+        self._check_fits(team, limits, charge, cost)
         verdict, local = await self._run(team.name, limits, mode="admit", requests=1, tokens=charge, cost=cost)
         headers = rate_limit_headers(limits, verdict)
         owner = team if limits.budget else None
@@ -375,7 +375,14 @@ class QuotaGate:
             return {}
         return rate_limit_headers(limits, verdict)
 
-    def _check_fits(self, team: cfg.Team, limits: Limits, charge: int) -> None:
+    def _check_fits(self, team: cfg.Team, limits: Limits, charge: int, cost: int = 0) -> None:
+        if limits.budget and cost > limits.budget:
+            self.metrics.quota_rejections.labels(team.name, BUDGET_POLICY).inc()
+            raise PayloadTooLarge(
+                f"this request costs about USD {cost / NANO_USD:g} but team {team.name!r} has a budget of USD "
+                f"{limits.budget / NANO_USD:g} per month: it could never be admitted; split its inputs over several "
+                "requests", code="QUOTA_REQUEST_TOO_LARGE",
+            )
         for name, limit in zip(POLICIES[1:], limits.values[1:], strict=True):
             if limit and charge > limit:
                 self.metrics.quota_rejections.labels(team.name, name).inc()

@@ -233,3 +233,24 @@ async def test_a_team_made_over_the_api_runs_batch_jobs(gateway: Gateway) -> Non
     status, job = await submit(client, {"model": MODEL, "input_file_id": file["id"]}, key=key)
     assert status == 202, job
     assert (await settled(client, job["id"], team="batcher")).status == "completed"
+
+
+async def test_a_config_team_taking_an_api_teams_name_wins_after_a_reload(gateway: Gateway) -> None:
+    import asyncio
+    import dataclasses
+
+    from gateway import config as cfg
+
+    client = await gateway()
+    await call(client, "POST", "/admin/teams", body={"name": "late"})
+    key = (await call(client, "POST", "/admin/teams/late/keys"))[1]["key"]
+    assert await embed(client, key) == 200
+    live = client.app[K.LIVE]
+    live.swap(dataclasses.replace(live.config, teams=(*live.config.teams, cfg.Team(name="late"))))
+    for _ in range(200):  # the poller notices the new config within a poll interval
+        if await embed(client, key) == 401:
+            break
+        await asyncio.sleep(0.02)
+    assert await embed(client, key) == 401
+    assert [t["source"] for t in (await call(client, "GET", "/admin/teams"))[1]["data"] if t["name"] == "late"] == [
+        "config"]

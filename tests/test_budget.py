@@ -237,4 +237,7 @@ async def test_budget_through_the_admin_api(gateway: Gateway) -> None:
         async with client.post("/v1/embeddings", headers=auth(key), json={"model": MODEL, "input": [text]}) as r:
             statuses.append((r.status, (await r.json()).get("code")))
     assert statuses == [(200, None), (200, None), (429, "BUDGET_EXCEEDED")]
+    # A request that costs more than the whole monthly budget could never be admitted: 413, not a wait.
+    async with client.post("/v1/embeddings", headers=auth(key), json={"model": MODEL, "input": ["x" * 40]}) as r:
+        assert (r.status, (await r.json())["code"]) == (413, "QUOTA_REQUEST_TOO_LARGE")
 
