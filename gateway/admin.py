@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
+from redis.exceptions import WatchError
 
 from . import config as cfg
 from .auth import Principal, RuntimeKey, RuntimeKeys, config_key_id, hash_key, new_key
@@ -33,6 +35,7 @@ Record = dict[str, Any]
 TEAM_FIELDS = ("models", "max_inputs_per_request", "quota", "budget")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # no `{}`: team names are Redis hash tags
 MAX_AUDIT_PAGE = 1000
+ATTEMPTS = 20  # of one admin action racing other changes (optimistic concurrency on the version counter)
 
 
 class Conflict(GatewayError):
@@ -40,10 +43,16 @@ class Conflict(GatewayError):
     code = "CONFLICT"
 
 
+class Stale(Exception):
+    """Another change was written since the tables a change was decided on (the store's version moved)."""
+
+
 @dataclass(slots=True)
 class Change:
-    """One admin action: what it writes, and its audit entry; a store applies it atomically."""
+    """One admin action: what it writes, and its audit entry; a store applies it atomically, and only while the
+    store is still at `version` (optimistic concurrency: two replicas never both create one team)."""
 
+    version: int
     audit: Record
     teams_put: dict[str, Record] = field(default_factory=dict)
     teams_del: list[str] = field(default_factory=list)
@@ -58,7 +67,9 @@ class AdminStore(Protocol):
         """(version, team records by name, key records by id), read together."""
         ...
 
-    async def write(self, change: Change) -> None: ...
+    async def write(self, change: Change) -> None:
+        """Applies `change` atomically; raises Stale when the version is no longer `change.version`."""
+        ...
 
     async def audit(self, since_ms: int, limit: int) -> list[Record]: ...
 
@@ -86,6 +97,8 @@ class MemoryAdminStore:
         return self.counter, dict(self.teams), dict(self.keys)
 
     async def write(self, change: Change) -> None:
+        if change.version != self.counter:
+            raise Stale
         self.teams.update(change.teams_put)
         for name in change.teams_del:
             self.teams.pop(name, None)
@@ -126,7 +139,19 @@ class RedisAdminStore:
                 {k.decode(): orjson.loads(v) for k, v in keys.items()})
 
     async def write(self, change: Change) -> None:
-        pipe = self.client.pipeline(transaction=True)
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(ADMIN_VERSION)
+            if int(await pipe.get(ADMIN_VERSION) or 0) != change.version:
+                raise Stale
+            pipe.multi()
+            self._queue(pipe, change)
+            try:
+                await pipe.execute()
+            except WatchError:
+                raise Stale from None
+
+    @staticmethod
+    def _queue(pipe: Any, change: Change) -> None:
         if change.teams_put:
             pipe.hset(ADMIN_TEAMS, mapping={k: orjson.dumps(v) for k, v in change.teams_put.items()})
         if change.teams_del:
@@ -138,7 +163,6 @@ class RedisAdminStore:
             pipe.zrem(ADMIN_USED, *change.keys_del)
         pipe.zadd(ADMIN_AUDIT, {orjson.dumps(change.audit): change.audit["at_ms"]})
         pipe.incr(ADMIN_VERSION)
-        await pipe.execute()
 
     async def audit(self, since_ms: int, limit: int) -> list[Record]:
         raw = await self.client.zrangebyscore(ADMIN_AUDIT, since_ms, "+inf", start=0, num=limit)
@@ -253,6 +277,9 @@ class Admin:
         return self._api_team_view(self._record(name))
 
     async def create_team(self, who: Principal, body: Record) -> Record:
+        return await self._retry(lambda: self._create_team(who, body))
+
+    async def _create_team(self, who: Principal, body: Record) -> Record:
         _only(body, ("name", *TEAM_FIELDS))
         name = body.get("name")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -264,11 +291,14 @@ class Admin:
         record = {"name": name, **{f: body[f] for f in TEAM_FIELDS if body.get(f) is not None},
                   "created_at": self._iso()}
         build_team(record)
-        await self._write(Change(self._entry(who, "team.create", name, None, _public(record)),
+        await self._write(Change(self.version, self._entry(who, "team.create", name, None, _public(record)),
                                  teams_put={name: record}))
         return self._api_team_view(record)
 
     async def update_team(self, who: Principal, name: str, body: Record) -> Record:
+        return await self._retry(lambda: self._update_team(who, name, body))
+
+    async def _update_team(self, who: Principal, name: str, body: Record) -> Record:
         _only(body, TEAM_FIELDS)
         self._writable(name)
         await self.refresh()
@@ -278,16 +308,20 @@ class Admin:
         build_team(new)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         before, after = {k: old.get(k) for k in changed}, {k: new.get(k) for k in changed}
-        await self._write(Change(self._entry(who, "team.update", name, before, after), teams_put={name: new}))
+        entry = self._entry(who, "team.update", name, before, after)
+        await self._write(Change(self.version, entry, teams_put={name: new}))
         return self._api_team_view(new)
 
     async def delete_team(self, who: Principal, name: str) -> Record:
+        return await self._retry(lambda: self._delete_team(who, name))
+
+    async def _delete_team(self, who: Principal, name: str) -> Record:
         self._writable(name)
         await self.refresh()
         record = self._record(name)
         revoked = sorted(k for k, r in self.key_records.items() if r["team"] == name)
         before = {**_public(record), "keys": revoked}
-        await self._write(Change(self._entry(who, "team.delete", name, before, None), teams_del=[name],
+        await self._write(Change(self.version, self._entry(who, "team.delete", name, before, None), teams_del=[name],
                                  keys_del=revoked))
         return {"name": name, "deleted": True, "keys_revoked": revoked}
 
@@ -309,6 +343,9 @@ class Admin:
 
     async def create_key(self, who: Principal, team: str, body: Record) -> Record:
         """A new key for an API team: the answer is the only place the key itself ever appears."""
+        return await self._retry(lambda: self._create_key(who, team, body))
+
+    async def _create_key(self, who: Principal, team: str, body: Record) -> Record:
         _only(body, ("label", "expires_at"))
         self._writable(team)
         await self.refresh()
@@ -320,7 +357,7 @@ class Admin:
         key, key_id = new_key(), "key_" + secrets.token_hex(8)
         record = {"id": key_id, "team": team, "hash": hash_key(key), "prefix": key[:6], "label": label,
                   "created_at": self._iso(), "expires_at": expires_at}
-        await self._write(Change(self._entry(who, "key.create", key_id, None, _key_view(record)),
+        await self._write(Change(self.version, self._entry(who, "key.create", key_id, None, _key_view(record)),
                                  keys_put={key_id: record}))
         return {**_key_view(record), "key": key}
 
@@ -336,13 +373,16 @@ class Admin:
                 for r in sorted(rows, key=lambda r: r["created_at"])]
 
     async def revoke_key(self, who: Principal, key_id: str) -> Record:
+        return await self._retry(lambda: self._revoke_key(who, key_id))
+
+    async def _revoke_key(self, who: Principal, key_id: str) -> Record:
         await self.refresh()
         record = self.key_records.get(key_id)
         if record is None:
             if key_id.startswith("cfg:"):
                 raise Conflict("config-file keys are revoked by removing them from the config file")
             raise NotFound(f"no key {key_id!r}", code="KEY_NOT_FOUND")
-        await self._write(Change(self._entry(who, "key.revoke", key_id, _key_view(record), None),
+        await self._write(Change(self.version, self._entry(who, "key.revoke", key_id, _key_view(record), None),
                                  keys_del=[key_id]))
         return {**_key_view(record), "revoked": True}
 
@@ -355,6 +395,15 @@ class Admin:
         now = self.clock()
         return {"id": secrets.token_hex(8), "at": _iso_ms(round(now * 1000)), "at_ms": round(now * 1000),
                 "who": who.key_id, "action": action, "target": target, "before": before, "after": after}
+
+    async def _retry(self, action: Callable[[], Awaitable[Record]]) -> Record:
+        """Runs an admin action, again on fresh tables when another change got in first (each run re-reads and
+        re-checks everything it decided on)."""
+        for attempt in range(ATTEMPTS):
+            with contextlib.suppress(Stale):
+                return await action()
+            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))  # racers spread out
+        raise Conflict("the teams and keys kept changing under this request; retry it")
 
     async def _write(self, change: Change) -> None:
         await self.store.write(change)

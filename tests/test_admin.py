@@ -4,6 +4,7 @@ config-file teams read-only, and a created key that appears nowhere after the an
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -12,9 +13,11 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from gateway import appkeys as K
+from gateway.admin import AdminStore, Change, MemoryAdminStore, RedisAdminStore, Stale
 
 from .clock import FakeClock, utc
-from .conftest import ADMIN_KEY, TEAM_A_KEY, Gateway, auth
+from .conftest import ADMIN_KEY, TEAM_A_KEY, Gateway, auth, state_client
+from .redis_server import RedisServer
 
 MODEL = "jina-embeddings-v3"
 
@@ -254,3 +257,47 @@ async def test_a_config_team_taking_an_api_teams_name_wins_after_a_reload(gatewa
     assert await embed(client, key) == 401
     assert [t["source"] for t in (await call(client, "GET", "/admin/teams"))[1]["data"] if t["name"] == "late"] == [
         "config"]
+
+
+async def test_racing_replicas_create_a_team_once(gateway: Gateway, redis_url: str) -> None:
+    import asyncio
+
+    replicas = [await gateway(state={"url": redis_url}) for _ in range(2)]
+    answers = await asyncio.gather(*(
+        call(replicas[i % 2], "POST", "/admin/teams", body={"name": "contested", "quota": {"tokens_per_day": i + 1}})
+        for i in range(10)))
+    assert sorted(status for status, _ in answers) == [201] + [409] * 9
+    log = (await call(replicas[1], "GET", "/admin/audit"))[1]["data"]
+    assert [e["action"] for e in log] == ["team.create"]
+    winner = next(body for status, body in answers if status == 201)
+    assert (await call(replicas[0], "GET", "/admin/teams/contested"))[1]["quota"] == winner["quota"]
+    # Keys made at once on both replicas are all kept: each action retries on the tables the other one wrote.
+    made = await asyncio.gather(*(call(replicas[i % 2], "POST", "/admin/teams/contested/keys") for i in range(6)))
+    assert [status for status, _ in made] == [201] * 6
+    listed = (await call(replicas[0], "GET", "/admin/teams/contested/keys"))[1]["data"]
+    assert sorted(k["id"] for k in listed) == sorted(body["id"] for _, body in made)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def admin_store(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[AdminStore]:
+    """The same contract for every backend (a plain Redis and a real 3-node cluster)."""
+    if request.param == "memory":
+        yield MemoryAdminStore()
+        return
+    async with state_client(request, redis_server) as client:
+        yield RedisAdminStore(client)
+
+
+async def test_the_store_contract(admin_store: AdminStore) -> None:
+    store = admin_store
+    entry = {"id": "1", "at_ms": 1000, "action": "team.create"}
+    await store.write(Change(0, entry, teams_put={"t": {"name": "t"}}, keys_put={"k": {"id": "k", "team": "t"}}))
+    with pytest.raises(Stale):
+        await store.write(Change(0, {**entry, "id": "2"}, teams_del=["t"]))
+    assert await store.load() == (1, {"t": {"name": "t"}}, {"k": {"id": "k", "team": "t"}})
+    await store.write(Change(1, {**entry, "id": "3", "at_ms": 2000}, keys_del=["k"]))
+    assert await store.version() == 2 and (await store.load())[2] == {}
+    assert [e["id"] for e in await store.audit(1500, 10)] == ["3"]
+    await store.touch({"k2": 5000})
+    await store.touch({"k2": 4000})
+    assert await store.last_used() == {"k2": 5000}
