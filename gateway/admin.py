@@ -419,15 +419,8 @@ def build_team(record: Record) -> cfg.Team:
     data = {k: record[k] for k in ("name", *TEAM_FIELDS) if record.get(k) is not None}
     try:
         team: cfg.Team = cfg.build(cfg.Team, data, "")
-        for policy, limit in vars(team.quota).items():
-            if limit is not None and limit < 1:
-                raise cfg.ConfigError(f"quota.{policy}: must be at least 1, got {limit}")
-        if team.max_inputs_per_request is not None and team.max_inputs_per_request < 1:
-            raise cfg.ConfigError("max_inputs_per_request: must be at least 1")
-        if team.budget is not None:
-            cfg.check_budget(team.budget, "budget")
     except cfg.ConfigError as exc:
-        where, _, message = str(exc).partition(": ")
+        where, _, message = str(exc).split("\n")[0].partition(": ")
         raise ValidationFailed(where, message) from None
     return team
 

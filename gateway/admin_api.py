@@ -14,7 +14,7 @@ from . import appkeys as K
 from .admin import MAX_AUDIT_PAGE, Admin, parse_since
 from .auth import Principal
 from .errors import Forbidden, ValidationFailed
-from .handlers import principal_of, read_body
+from .incoming import principal_of, read_body
 from .middleware import Routes
 from .protocol import parse_json_object
 

@@ -66,8 +66,8 @@ class LineOutput:
 def pack_outputs(results: Sequence[LineOutput]) -> bytes:
     """[len][header JSON][vector entries]; a 1024-dim vector takes ~4.1 KB instead of ~13 KB of JSON.
 
-    The floats stay raw: deflating their top byte would save ~15% of the bytes held for `retention_s`, at
-    ~40 µs per vector on the event loop that serves interactive requests (or, in a thread, holding the GIL)."""
+    The floats stay raw: deflating their top byte would save ~15% of the bytes held for `retention_s`, at a
+    cost per vector paid on the event loop that serves interactive requests (or, in a thread, holding the GIL)."""
     entries = [encode(vec, 0, compact=False) for r in results for vec in r.vectors]
     sizes = iter(len(e) for e in entries)
     header = orjson.dumps(

@@ -516,9 +516,8 @@ class Coalescer:
         if answered is not None:
             answered()
         try:
-            # Let the callers answer their clients before this task spends time encoding the entries (tens of
-            # µs per vector: a big batch's encoding would otherwise come before every answer) and recording the
-            # call's metrics. Their tasks were woken above, so they run in the next iteration, ahead of this one.
+            # Let the woken callers answer their clients before this task encodes the entries and records the
+            # call's metrics: a big batch's encoding would otherwise come before every answer.
             await asyncio.sleep(0)
             fresh = [(p.miss.key, Entry(vectors=vec, tokens=tokens))
                      for p, vec, tokens in zip(batch, result.vectors, shares, strict=True)]

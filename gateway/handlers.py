@@ -1,8 +1,8 @@
-"""HTTP handlers: thin adapters between aiohttp and the parts (service, stores, metrics)."""
+"""HTTP handlers of the embeddings API and the operational routes (health, metrics, usage, OpenAPI): thin
+adapters between aiohttp and the parts (service, stores, metrics)."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hmac
 import os
@@ -19,56 +19,12 @@ from . import openapi as openapi_doc
 from . import render
 from .auth import Principal
 from .budget import budget_rows
-from .errors import Forbidden, GatewayError, PayloadTooLarge, RequestTimeout, StateUnavailable
+from .errors import Forbidden, GatewayError, StateUnavailable
+from .incoming import principal_of, read_body
 from .protocol import parse_embedding_request, parse_json_object
 from .quota import STORE_ERRORS, Reservation
 from .service import Outcome
 from .usage import build_report, parse_query
-
-
-def principal_of(request: web.Request) -> Principal:
-    principal: Principal = request[K.PRINCIPAL]
-    return principal
-
-
-def body_now(request: web.Request, limits: cfg.Limits) -> bytes | None:
-    """The body when it came whole with the headers (the usual case: no await), else None; over the limit,
-    413 before it is buffered whole."""
-    limit = limits.max_body_bytes
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes exceeds the {limit}-byte limit")
-    content = request.content
-    if not content.is_eof():
-        return None
-    # Take the buffer as it is (no timer, and none of read()'s chunk loop), checking the size read() would.
-    body = content.read_nowait()
-    if len(body) > limit:
-        raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
-    return body
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The body, refused before it is buffered whole when it is over the limit.
-
-    Reading is bounded by the request deadline: aiohttp has no body read timeout of its own, so a client
-    trickling its body in would otherwise hold a handler (and its buffer) for as long as it likes.
-    """
-    limits = request.app[K.LIVE].config.limits
-    body = body_now(request, limits)
-    return body if body is not None else await _read_rest(request, limits)
-
-
-async def _read_rest(request: web.Request, limits: cfg.Limits) -> bytes:
-    """The body `body_now` did not have whole, read within the request deadline."""
-    limit = limits.max_body_bytes
-    try:
-        async with asyncio.timeout(limits.request_timeout_s):
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit") from None
-    except TimeoutError:
-        raise RequestTimeout(f"request body not received within {limits.request_timeout_s:g}s") from None
 
 
 async def embeddings(request: web.Request) -> web.Response:
