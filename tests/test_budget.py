@@ -241,3 +241,20 @@ async def test_budget_through_the_admin_api(gateway: Gateway) -> None:
     async with client.post("/v1/embeddings", headers=auth(key), json={"model": MODEL, "input": ["x" * 40]}) as r:
         assert (r.status, (await r.json())["code"]) == (413, "QUOTA_REQUEST_TOO_LARGE")
 
+
+
+@pytest.mark.parametrize(("budget", "error"), [
+    ({"usd_per_month": 0}, "teams.0.budget.usd_per_month: must be > 0"),
+    ({"usd_per_month": 5, "alerts": [0.5, 0]}, "teams.0.budget.alerts.1: must be > 0"),
+    ({"usd_per_month": 5, "webhook_url": "ftp://x"}, "teams.0.budget.webhook_url: must be http:// or https://"),
+    ({"alerts": [0.5]}, "teams.0.budget.usd_per_month: required key is missing"),
+    ({"usd_per_month": 5, "limit": 1}, "teams.0.budget.limit: unknown key"),
+])
+def test_a_bad_budget_in_the_config_names_its_key(budget: dict[str, Any], error: str) -> None:
+    from gateway import config as cfg
+
+    from .conftest import base_config
+
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.from_data(base_config(teams=[{"name": "t", "budget": budget}]))
+    assert str(caught.value).startswith(error)
