@@ -104,8 +104,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Pings the very clients that serve traffic: the cache store's, and the state store's when it is Redis."""
     store = request.app[K.CACHE_STORE]
     checks = {"cache": True if store is None else await _ping(store)}
+    state = request.app[K.STATE_REDIS]
+    if state is not None:
+        checks["state"] = await _ping(state)
     ready = all(checks.values())
     body = {"status": "ready" if ready else "unavailable", "checks": checks}
     return web.Response(
