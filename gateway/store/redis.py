@@ -39,6 +39,8 @@ log = logging.getLogger("gateway.store")
 # and quotas would fail over exactly when the load is highest. Waiting for a connection is queueing inside this
 # process, not a sick Redis (the socket timeout catches that), so the wait may be longer than a command.
 POOL_WAIT_S = 5.0
+# Bytes asked of the socket per read: the cache's largest replies (32 entries of ~4 KB) in one read, not three.
+READ_SIZE = 256 * 1024
 
 SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://", "redis+cluster://",
            "rediss+cluster://")
@@ -153,6 +155,7 @@ def connect(url: str, *, socket_timeout_s: float, options: ClientOptions | None 
                        opts.retries),
         "decode_responses": False,
         "max_connections": opts.max_connections,
+        "socket_read_size": READ_SIZE,
         **_DRIVER,
     }
     if target.tls:
