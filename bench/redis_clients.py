@@ -28,13 +28,14 @@ from .procs import ROOT, Procs
 VALUE_BYTES = 4096
 KEYS = 32
 CASES = (1, 32)  # keys per MGET
+TIMEOUT_S = 5.0  # generous: this measures cost per call, and a busy shared machine must not fail a run
 Mget = Callable[[Sequence[bytes]], Awaitable[Sequence[object]]]
 Client = Callable[[int], contextlib.AbstractAsyncContextManager[Mget]]
 
 
 @contextlib.asynccontextmanager
 async def redis_py(port: int) -> AsyncIterator[Mget]:
-    store = open_cache_store(f"redis://127.0.0.1:{port}/0", max_bytes=0, socket_timeout_s=0.5)
+    store = open_cache_store(f"redis://127.0.0.1:{port}/0", max_bytes=0, socket_timeout_s=TIMEOUT_S)
     try:
         yield store.get_many
     finally:
@@ -53,7 +54,7 @@ def pipelined_client(ref: str) -> Client | None:
 
     @contextlib.asynccontextmanager
     async def client(port: int) -> AsyncIterator[Mget]:
-        conn = module.PipelinedRedis(port=port, timeout_s=0.5)
+        conn = module.PipelinedRedis(port=port, timeout_s=TIMEOUT_S)
 
         async def mget(keys: Sequence[bytes]) -> Sequence[object]:
             (values,) = await conn.execute((b"MGET", *[CACHE_PREFIX + k for k in keys]))
@@ -71,7 +72,7 @@ def pipelined_client(ref: str) -> Client | None:
 async def coredis_client(port: int) -> AsyncIterator[Mget]:
     import coredis
 
-    client = coredis.Redis("127.0.0.1", port, decode_responses=False, stream_timeout=0.5, max_connections=512)
+    client = coredis.Redis("127.0.0.1", port, decode_responses=False, stream_timeout=TIMEOUT_S, max_connections=512)
     async with client:
         yield lambda keys: client.mget([CACHE_PREFIX + k for k in keys])
 
@@ -80,7 +81,8 @@ async def coredis_client(port: int) -> AsyncIterator[Mget]:
 async def glide_client(port: int) -> AsyncIterator[Mget]:
     from glide import GlideClient, GlideClientConfiguration, NodeAddress
 
-    client = await GlideClient.create(GlideClientConfiguration([NodeAddress("127.0.0.1", port)], request_timeout=500))
+    config = GlideClientConfiguration([NodeAddress("127.0.0.1", port)], request_timeout=int(TIMEOUT_S * 1000))
+    client = await GlideClient.create(config)
     try:
         yield lambda keys: client.mget([CACHE_PREFIX + k for k in keys])
     finally:
