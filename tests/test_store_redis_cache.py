@@ -19,6 +19,7 @@ from gateway import config as cfg
 from gateway.cache import EmbeddingCache, encode
 from gateway.keys import CACHE_PREFIX
 from gateway.store import CacheStore, open_cache_store
+from gateway.store.redis import connect
 
 from .conftest import Gateway, auth, sim_of
 from .redis_server import RedisServer, free_port
@@ -149,7 +150,7 @@ async def _block(server: RedisServer, seconds: float) -> asyncio.Task[Any]:
     admin = aioredis.Redis.from_url(server.url, socket_timeout=seconds + 5)
     sleeper = asyncio.ensure_future(admin.execute_command("DEBUG", "SLEEP", seconds))
     sleeper.add_done_callback(lambda _: asyncio.ensure_future(admin.aclose()))
-    probe = aioredis.Redis.from_url(server.url, socket_timeout=0.05, retry=None)
+    probe = connect(server.url, socket_timeout_s=0.3, options=NO_RETRY)
     try:
         while True:
             try:
@@ -235,7 +236,7 @@ async def test_gateway_requests_after_a_slow_command_hit(debug_redis: RedisServe
     await observer.aclose()
     sim = sim_of(client)
     calls = sim.calls
-    sleeper = await _block(debug_redis, 2)
+    sleeper = await _block(debug_redis, 3)
     during = await asyncio.gather(*(client.post("/v1/embeddings", json=body, headers=auth()) for _ in range(4)))
     assert not sleeper.done(), "the requests returned only after the slow command"
     assert [(r.status, r.headers["X-Cache-Hits"]) for r in during] == [(200, "0")] * 4
