@@ -16,7 +16,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway import config as cfg
-from gateway.cache import EmbeddingCache, encode
+from gateway.cache import EmbeddingCache
+from gateway.codec import Entry
 from gateway.keys import CACHE_PREFIX
 from gateway.store import CacheStore, open_cache_store
 from gateway.store.redis import connect
@@ -166,9 +167,9 @@ async def test_a_slow_command_fails_only_its_callers_and_does_not_bypass_the_cac
     debug_redis: RedisServer,
 ) -> None:
     store = open_cache_store(debug_redis.url, max_bytes=0, socket_timeout_s=0.2)
-    cache = EmbeddingCache(store, ttl_s=60, error_backoff_s=30)
-    entry = encode(np.ones(4, dtype=np.float32), 3)
-    await cache.set_many([(b"a", entry), (b"b", entry)])
+    cache = EmbeddingCache(store, ttl_s=60, local_max_bytes=0, error_backoff_s=30)  # every read asks Redis
+    entry = Entry(vectors=np.ones(4, dtype=np.float32), tokens=3)
+    await cache.put_many([(b"a", entry), (b"b", entry)])
     try:
         sleeper = await _block(debug_redis, 2)
         during = await asyncio.gather(*(cache.get_many([b"a", b"b"]) for _ in range(8)))
@@ -176,14 +177,14 @@ async def test_a_slow_command_fails_only_its_callers_and_does_not_bypass_the_cac
         assert during == [[None, None]] * 8 and cache.errors >= 8
         await sleeper
         after = await cache.get_many([b"a", b"b"])
-        assert [e is not None and e.tokens for e in after] == [3, 3]
+        assert [held is not None and held.entry.tokens for held in after] == [3, 3]
     finally:
         await store.close()
 
 
 async def test_a_refused_store_is_bypassed_for_the_backoff(own_redis: RedisServer) -> None:
     store = open_cache_store(own_redis.url, max_bytes=0, socket_timeout_s=0.5, options=NO_RETRY)
-    cache = EmbeddingCache(store, ttl_s=60, error_backoff_s=30)
+    cache = EmbeddingCache(store, ttl_s=60, local_max_bytes=0, error_backoff_s=30)
     try:
         own_redis.stop()
         assert await cache.get_many([b"a"]) == [None] and cache.errors == 1
@@ -202,7 +203,7 @@ async def test_a_store_silent_for_a_whole_backoff_period_is_bypassed() -> None:
     port = free_port()
     server = await asyncio.start_server(silent, "127.0.0.1", port)
     store = open_cache_store(f"redis://127.0.0.1:{port}/0", max_bytes=0, socket_timeout_s=0.05, options=NO_RETRY)
-    cache = EmbeddingCache(store, ttl_s=60, error_backoff_s=1.0)
+    cache = EmbeddingCache(store, ttl_s=60, local_max_bytes=0, error_backoff_s=1.0)
     try:
         reached = []  # whether each read opened a connection (a timed-out one is dropped, so each does)
         for _ in range(100):
