@@ -141,7 +141,8 @@ class Cache:
     scope: Literal["global", "team"] = "global"
     # Bound of the in-memory store (memory:// only), in bytes of stored entries.
     max_bytes: Count = 512 * 1024 * 1024
-    # Seconds the cache is bypassed after a store error, so an outage costs one timeout, not one per request.
+    # Seconds the cache is bypassed after a refused connection, or after the store answered nothing for this
+    # long: an outage costs one failed call per period, not one per request; one slow command fails only its callers.
     error_backoff_s: Delay = 1.0
     socket_timeout_s: Seconds = 0.5
     redis: RedisOptions = field(default_factory=RedisOptions)

@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..keys import CACHE_PREFIX
 
-try:  # redis-py >= 8 reads its package metadata for every new connection (~5 ms each) unless given this once
+try:  # redis-py >= 8 reads its package metadata for every new connection unless given this once
     from redis.driver_info import DriverInfo
 
     _DRIVER: dict[str, Any] = {"driver_info": DriverInfo()}
