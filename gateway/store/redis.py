@@ -147,7 +147,7 @@ def _sentinel_master(target: Target, kwargs: dict[str, Any]) -> Any:
     pool_size = kwargs.pop("max_connections")
     sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith(("socket_", "ssl"))}
     sentinel_kwargs["password"] = target.sentinel_password
-    sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
     return sentinel.master_for(
         target.service, redis_class=_SentinelManaged, db=target.db, username=target.username,
         password=target.password, max_connections=pool_size,
