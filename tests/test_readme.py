@@ -1,17 +1,23 @@
-"""The README's promises: its two commands and its curl example are true."""
+"""The README's promises: its two commands, its curl and usage examples and its real-key recipe work as written."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import orjson
+import redis
 
-from .redis_server import free_port
+from .redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -44,7 +50,7 @@ def _check_curl(proc: subprocess.Popen[bytes], curl: str, port: int) -> None:
     try:
         assert proc.stdout is not None
         assert b"listening" in proc.stdout.readline()
-        args = shlex.split(curl.replace("\\\n", " ").replace("127.0.0.1:8080", f"127.0.0.1:{port}"))
+        args = _curl_args(curl, port)
         for attempt in range(2):
             out = subprocess.run([*args, "-D", "-"], capture_output=True, check=True, timeout=30).stdout
             head, _, body = out.partition(b"\r\n\r\n")
@@ -52,6 +58,57 @@ def _check_curl(proc: subprocess.Popen[bytes], curl: str, port: int) -> None:
             assert len(data["data"]) == 2 and len(data["data"][0]["embedding"]) == 1024
             if attempt == 1:
                 assert b"X-Cache-Hits: 2" in head and b"X-Upstream-Tokens: 0" in head
+        _check_usage(port)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _curl_args(curl: str, port: int) -> list[str]:
+    return shlex.split(curl.replace("\\\n", " ").replace("127.0.0.1:8080", f"127.0.0.1:{port}"))
+
+
+def _check_usage(port: int) -> None:
+    """The usage example, after the curl example twice: one row for the demo team (usage is written each second)."""
+    usage = _curl_args(next(b for b in bash_blocks() if "/v1/usage" in b), port)
+    for _ in range(100):
+        text = subprocess.run(usage, capture_output=True, check=True, timeout=30, text=True).stdout
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if rows:
+            break
+        time.sleep(0.1)
+    assert [(r["team"], r["model"], r["requests"], r["hits"], r["misses"]) for r in rows] == [
+        ("demo", "jina-embeddings-v3", "2", "2", "2")
+    ]
+
+
+def test_the_real_key_recipe_serves_a_team_with_its_key_through_redis(redis_server: RedisServer) -> None:
+    """The three lines, with the suite's Redis for the local one and the simulator for Jina's API."""
+    first, *lines = next(b for b in bash_blocks() if "config/local.yaml" in b).strip().splitlines()
+    assert first == "redis-server --daemonize yes"
+    key = next(w.split("=", 1)[1] for w in shlex.split(lines[0]) if w.startswith("GATEWAY_KEY="))
+    script = "\n".join(lines).replace(".venv/bin/embedding-gateway", f"{sys.executable} -m gateway")
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "UPSTREAM_URL": "sim://", "PORT": str(port),
+           "REDIS_URL": redis_server.url.removesuffix("/0")}
+    with subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, start_new_session=True) as proc:
+        try:
+            assert proc.stdout is not None
+            assert b"listening" in proc.stdout.readline()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/embeddings", data=b'{"model": "jina-embeddings-v3", "input": ["recipe"]}',
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                assert resp.headers["X-Cache-Misses"] == "1"
+            cache = redis.Redis.from_url(redis_server.url)
+            for _ in range(100):  # the cache write is behind the answer
+                if cache.dbsize():
+                    break
+                time.sleep(0.05)
+            assert cache.dbsize() == 1
+            cache.close()
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
