@@ -29,8 +29,9 @@ def bash_blocks() -> list[str]:
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     test_command = next(b.strip() for b in bash_blocks() if "pytest" in b)
-    ci = (ROOT / ".ci/run").read_text()
-    assert test_command in ci.splitlines()
+    ci = (ROOT / ".ci/run").read_text().splitlines()
+    assert test_command == ci[-1]  # last, so pytest's status is the script's
+    assert ci.index(".venv/bin/ruff check gateway tests bench") < ci.index(".venv/bin/mypy") < len(ci) - 1
 
 
 def test_readme_run_command_serves_the_demo_config_and_the_curl_example_works() -> None:
