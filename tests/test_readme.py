@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 import redis
 
-from .redis_server import RedisServer, free_port
+from .redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -83,15 +83,15 @@ def _check_usage(port: int) -> None:
     ]
 
 
-def test_the_real_key_recipe_serves_a_team_with_its_key_through_redis(redis_server: RedisServer) -> None:
-    """The three lines, with the suite's Redis for the local one and the simulator for Jina's API."""
+def test_the_real_key_recipe_serves_a_team_with_its_key_through_redis(redis_url: str) -> None:
+    """The three lines, with the suite's Redis (flushed) for the local one and the simulator for Jina's API."""
     first, *lines = next(b for b in bash_blocks() if "config/local.yaml" in b).strip().splitlines()
     assert first == "redis-server --daemonize yes"
     key = next(w.split("=", 1)[1] for w in shlex.split(lines[0]) if w.startswith("GATEWAY_KEY="))
     script = "\n".join(lines).replace(".venv/bin/embedding-gateway", f"{sys.executable} -m gateway")
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "UPSTREAM_URL": "sim://", "PORT": str(port),
-           "REDIS_URL": redis_server.url.removesuffix("/0")}
+           "REDIS_URL": redis_url.removesuffix("/0")}
     with subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, start_new_session=True) as proc:
         try:
@@ -103,7 +103,7 @@ def test_the_real_key_recipe_serves_a_team_with_its_key_through_redis(redis_serv
             )
             with urllib.request.urlopen(request, timeout=30) as resp:
                 assert resp.headers["X-Cache-Misses"] == "1"
-            cache = redis.Redis.from_url(redis_server.url)
+            cache = redis.Redis.from_url(redis_url)
             for _ in range(100):  # the cache write is behind the answer
                 if cache.dbsize():
                     break
