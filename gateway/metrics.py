@@ -310,11 +310,27 @@ def process_figures(pid: int | str = "self") -> tuple[int | None, dict[str, int]
 def replace(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
     """Sets a labelled Gauge to exactly `values` (label tuple → value), dropping label sets not in it.
 
-    Synchronous on purpose: no scrape can render between the clear and the sets.
+    In multiprocess mode (`serve --workers`) prometheus-client cannot drop a label set from a worker's file
+    (`clear` only warns), so one that disappeared is set to 0 there instead. Synchronous on purpose: no scrape
+    can render between the drop and the sets.
     """
-    gauge.clear()
+    if _multiprocess():
+        for labels in _label_sets(gauge) - values.keys():
+            gauge.labels(*labels).set(0)
+    else:
+        gauge.clear()
     for labels, value in values.items():
         gauge.labels(*labels).set(value)
+
+
+def _multiprocess() -> bool:
+    # The test prometheus-client itself makes before it refuses to remove label sets.
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+
+
+def _label_sets(gauge: Gauge) -> set[tuple[str, ...]]:
+    """The label values of every series this process's `gauge` holds (samples keep label-name order)."""
+    return {tuple(sample.labels.values()) for family in gauge.collect() for sample in family.samples}
 
 
 class InFlight:
