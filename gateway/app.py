@@ -103,6 +103,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     quota = _quota(app, state_redis)
     app[K.QUOTA] = quota
     upstream = UpstreamClient(config.upstream, base_url, metrics, pacer=_pacer(app, state_redis))
+    await upstream.start()
     coalescer = Coalescer(
         upstream, cache, config.coalesce, config.upstream, metrics,
         call_budget_s=config.limits.request_timeout_s,

@@ -53,6 +53,15 @@ class SimSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UpstreamTLS:
+    """https:// upstreams: a CA bundle to trust instead of the system's, a client certificate for mutual TLS."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None  # None: the key is in cert_file
+
+
+@dataclass(frozen=True, kw_only=True)
 class Upstream:
     url: str = "sim://"
     api_key: str = ""
@@ -68,6 +77,7 @@ class Upstream:
     )
     default_max_inputs_per_call: int = 2048
     limits: UpstreamLimits = field(default_factory=UpstreamLimits)
+    tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     sim: SimSettings = field(default_factory=SimSettings)
 
     def max_inputs_for(self, model: str) -> int:

@@ -1,5 +1,6 @@
-"""The upstream client: keep-alive connections (`http1.Client`), retries with full-jitter backoff that honour
-`Retry-After` inside the caller's deadline, and decoding of the answer into float32 arrays.
+"""The upstream client: one `aiohttp.ClientSession` (keep-alive pool, proxies from the environment, optional CA
+bundle and client certificate), retries with full-jitter backoff that honour `Retry-After` inside the caller's
+deadline, and decoding of the answer into float32 arrays.
 
 The gateway always asks for base64 (little-endian float32): lossless, and ~4x smaller than float JSON.
 """
@@ -11,15 +12,17 @@ import binascii
 import email.utils
 import logging
 import random
+import ssl
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import numpy as np
 import orjson
 
 from . import config as cfg
-from . import http1
 from .errors import UpstreamFailed, UpstreamRateLimited, UpstreamRejected, UpstreamTimeout
 from .metrics import Metrics
 from .pacing import Pacer
@@ -63,15 +66,20 @@ class UpstreamClient:
         self.config = config
         self.url = base_url.rstrip("/") + "/embeddings"
         self.metrics = metrics
-        headers = {"Content-Type": "application/json"}
+        self.headers = {"Content-Type": "application/json"}
         if config.api_key:
-            headers["Authorization"] = f"Bearer {config.api_key}"
-        self._http = http1.Client(self.url, headers, max_idle=2 * config.limits.max_concurrency)
+            self.headers["Authorization"] = f"Bearer {config.api_key}"
+        self._session: aiohttp.ClientSession | None = None
         self._format_field = "embedding_type" if config.api == "jina" else "encoding_format"
         self._slots = asyncio.Semaphore(config.limits.max_concurrency)
 
+    async def start(self) -> None:
+        """Opens the session (in the app's cleanup context: it needs the running loop)."""
+        self._session = open_session(self.config)
+
     async def close(self) -> None:
-        await self._http.close()
+        if self._session is not None:
+            await self._session.close()
 
     async def embed(
         self, params: dict[str, Any], items: list[Item], deadline: float, *, defer_metrics: bool = False
@@ -148,16 +156,21 @@ class UpstreamClient:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Retryable("timeout")
+        assert self._session is not None, "UpstreamClient.start() was not called"
         started = time.perf_counter()
         status = "error"
+        timeout = aiohttp.ClientTimeout(total=min(self.config.timeout_s, remaining))
         try:
-            answer = await self._http.post(body, min(self.config.timeout_s, remaining))
-            status = str(answer.status)
-            result = self._answer(answer.status, answer.headers, answer.body, n)
+            async with self._session.post(self.url, data=body, headers=self.headers, timeout=timeout) as resp:
+                status = str(resp.status)
+                raw = await resp.read()
+            result = self._answer(resp.status, resp.headers, raw, n)
         except TimeoutError:
             self._count(model, "timeout", started)
             raise _Retryable("timeout") from None
-        except http1.HTTPError as exc:
+        except aiohttp.ClientError as exc:
+            # aiohttp's parser refused the answer (conflicting lengths, bad chunks, a truncated body) or the
+            # connection failed: the connection is not reused, and nothing of the answer is.
             self._count(model, status, started)
             raise _Retryable(f"connection error ({type(exc).__name__})") from None
         except BaseException:
@@ -171,8 +184,8 @@ class UpstreamClient:
         metrics.child(metrics.upstream_calls, model, status).inc()
         metrics.child(metrics.upstream_seconds, model).observe(time.perf_counter() - started)
 
-    def _answer(self, status: int, headers: dict[str, str], raw: bytes, n: int) -> UpstreamResult:
-        """`headers` with lower-case names."""
+    def _answer(self, status: int, headers: Mapping[str, str], raw: bytes, n: int) -> UpstreamResult:
+        """`headers` case-insensitive (aiohttp's)."""
         if status == 200:
             try:
                 return decode_answer(raw, n)
@@ -187,6 +200,27 @@ class UpstreamClient:
         if status >= 500 or status == 408:
             raise _Retryable(str(status), parse_retry_after(headers.get("retry-after")), status=status)
         raise UpstreamRejected(status, _error_body(raw, status))
+
+
+def open_session(config: cfg.Upstream) -> aiohttp.ClientSession:
+    """One pooled session for one upstream: `max_concurrency` keep-alive connections, proxies from the environment
+    (`HTTPS_PROXY`, `NO_PROXY`), the upstream's TLS settings, gzip/deflate answers decoded."""
+    connector = aiohttp.TCPConnector(
+        limit=config.limits.max_concurrency, limit_per_host=0, keepalive_timeout=30, ssl=_ssl_context(config.tls)
+    )
+    return aiohttp.ClientSession(
+        connector=connector, trust_env=True, auto_decompress=True, timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+def _ssl_context(tls: cfg.UpstreamTLS) -> ssl.SSLContext | bool:
+    """True (aiohttp's default verification) unless a CA bundle or a client certificate is set."""
+    if tls.ca_file is None and tls.cert_file is None:
+        return True
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
 
 
 def _error_body(raw: bytes, status: int) -> dict[str, Any]:
