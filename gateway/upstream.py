@@ -14,8 +14,8 @@ import logging
 import random
 import ssl
 import time
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
