@@ -40,7 +40,7 @@ from .errors import GatewayError, Overloaded, UpstreamFailed, UpstreamRejected, 
 from .metrics import Metrics
 from .protocol import Item
 from .tokens import split
-from .upstream import UpstreamClient
+from .upstream import Router
 
 log = logging.getLogger("gateway.coalescer")
 
@@ -151,10 +151,9 @@ class _FairClock:
 class Coalescer:
     def __init__(
         self,
-        upstream: UpstreamClient,
+        upstream: Router,
         cache: EmbeddingCache,
         config: cfg.Coalesce,
-        upstream_config: cfg.Upstream,
         metrics: Metrics,
         *,
         call_budget_s: float = 60.0,
@@ -162,7 +161,6 @@ class Coalescer:
         self.upstream = upstream
         self.cache = cache
         self.config = config
-        self.upstream_config = upstream_config
         self.metrics = metrics
         self.call_budget_s = call_budget_s
         self._flights: dict[bytes, _Pending] = {}
@@ -174,7 +172,7 @@ class Coalescer:
         self._owners = itertools.count(1)
         self._seq = itertools.count()
         self._fair = _FairClock()
-        self._slots = upstream_config.limits.max_concurrency
+        self._slots = upstream.capacity
         # Unit calls (never merged) waiting for a call slot, first come first served; a freed slot goes to them
         # before batches are formed, so a steady stream of batches cannot starve a unit.
         self._unit_waiters: deque[asyncio.Future[None]] = deque()
@@ -288,7 +286,7 @@ class Coalescer:
     def _group(self, group_key: bytes, params: dict[str, Any]) -> _Group:
         group = self._groups.get(group_key)
         if group is None:
-            max_inputs = self.upstream_config.max_inputs_for(str(params.get("model", "")))
+            max_inputs = self.upstream.max_inputs_for(str(params.get("model", "")))
             group = _Group(group_key, params, max(1, min(max_inputs, self.config.max_batch_inputs)))
             self._groups[group_key] = group
         return group

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NewType
 
 import yaml
 
@@ -61,12 +61,37 @@ class UpstreamTLS:
     key_file: str | None = None  # None: the key is in cert_file
 
 
+# An upstream's models: public name → the name this upstream knows. YAML may give a list (each its own name).
+ModelMap = NewType("ModelMap", dict)  # type: ignore[type-arg]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Upstream:
+    """One upstream deployment (in `upstreams:`; the single `upstream:` block is one named `default`)."""
+
+    name: str = "default"
+    # The wire format: "jina" (`embedding_type`), "openai" (`encoding_format`, token arrays), "tei" (`POST /embed`).
+    kind: Literal["jina", "openai", "tei"] | None = None
     url: str = "sim://"
     api_key: str = ""
-    # "jina" asks for `embedding_type: base64`, "openai" for `encoding_format: base64`.
+    keys: tuple[str, ...] = ()  # a pool of keys; `api_key` is a pool of one
+    # The old name of `kind` (jina | openai), still read when `kind` is not set.
     api: Literal["jina", "openai"] = "jina"
+    # Public model → this upstream's name for it; None: every model (the upstream validates it).
+    models: ModelMap | None = None
+    priority: int = 1  # lower is tried first; equal priorities share the load by weight
+    weight: float = 1.0
+    drop_params: bool = False  # drop request fields this kind cannot take instead of refusing them (422)
+    # Cache keys are per public model; an upstream whose vectors must not be shared gets its own namespace.
+    cache_namespace: str | None = None
+    # USD per 1M tokens per model billed here (0 for a self-hosted one); a model not listed uses `prices`.
+    prices: dict[str, float] = field(default_factory=dict)
+    # A key the upstream refused (401/403) is left out for this long, then tried again.
+    eject_s: float = 300.0
+    # Consecutive failed calls (5xx, timeouts, connection errors past the retries) that open the breaker, and
+    # the time it stays open before one probe call may go.
+    breaker_failures: int = 5
+    breaker_open_s: float = 10.0
     timeout_s: float = 30.0
     max_retries: int = 4
     backoff_base_s: float = 0.2
@@ -82,6 +107,18 @@ class Upstream:
 
     def max_inputs_for(self, model: str) -> int:
         return self.max_inputs_per_call.get(model, self.default_max_inputs_per_call)
+
+    @property
+    def wire(self) -> Literal["jina", "openai", "tei"]:
+        return self.kind or self.api
+
+    @property
+    def pool(self) -> tuple[str, ...]:
+        """The keys calls may use ('' alone: no Authorization header)."""
+        return self.keys or (self.api_key,)
+
+    def upstream_model(self, public: str) -> str:
+        return public if self.models is None else self.models[public]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,6 +270,8 @@ class Batch:
 class Config:
     listen: Listen = field(default_factory=Listen)
     upstream: Upstream = field(default_factory=Upstream)
+    # Several upstreams (replaces `upstream:`); a request's model picks those that serve it.
+    upstreams: tuple[Upstream, ...] = ()
     cache: Cache = field(default_factory=Cache)
     state: State = field(default_factory=State)
     limits: Limits = field(default_factory=Limits)
@@ -247,6 +286,11 @@ class Config:
     prices: dict[str, float] = field(default_factory=dict)
     shutdown_timeout_s: float = 30.0
     log_level: str = "INFO"
+
+    @property
+    def routes(self) -> tuple[Upstream, ...]:
+        """Every upstream: the `upstreams:` list, or the single `upstream:` block."""
+        return self.upstreams or (self.upstream,)
 
 
 _COMMENT = re.compile(r"(?:^|\s)#")
@@ -314,12 +358,44 @@ def _check(config: Config) -> None:
     for j, key in enumerate(config.admin_keys):
         _check_key_hash(key, f"admin_keys.{j}")
     _check_usage(config.usage)
-    if not config.upstream.url.startswith(("sim://", "http://", "https://")):
-        raise ConfigError("upstream.url: must be http://, https:// or sim://")
+    _check_upstreams(config)
     for where, url in (("cache.url", config.cache.url), ("state.url", config.state.url)):
         _check_store_url(url, where)
     _check_limits(config)
     _check_batch(config.batch)
+
+
+def _check_upstreams(config: Config) -> None:
+    if config.upstreams and config.upstream != Upstream():
+        raise ConfigError("upstream: give either `upstream:` or `upstreams:`, not both")
+    names: set[str] = set()
+    for where, up in _upstream_paths(config):
+        if up.name in names or not re.fullmatch(r"[A-Za-z0-9_.-]+", up.name):
+            raise ConfigError(f"{where}.name: must be unique and of letters, digits, '_', '.', '-'; got {up.name!r}")
+        names.add(up.name)
+        if not up.url.startswith(("sim://", "http://", "https://")):
+            raise ConfigError(f"{where}.url: must be http://, https:// or sim://")
+        if up.keys and up.api_key:
+            raise ConfigError(f"{where}.keys: give either `api_key` or `keys`, not both")
+        if up.models is not None and not all(isinstance(v, str) and v for v in up.models.values()):
+            raise ConfigError(f"{where}.models: each model maps to the name this upstream knows it by")
+        for name, number in (("weight", up.weight), ("eject_s", up.eject_s), ("breaker_open_s", up.breaker_open_s),
+                             ("timeout_s", up.timeout_s)):
+            if not number > 0:
+                raise ConfigError(f"{where}.{name}: must be > 0, got {number}")
+        for name, count in (("breaker_failures", up.breaker_failures), ("default_max_inputs_per_call",
+                            up.default_max_inputs_per_call), *((f"max_inputs_per_call.{m}", n)
+                            for m, n in up.max_inputs_per_call.items())):
+            if count < 1:
+                raise ConfigError(f"{where}.{name}: must be at least 1, got {count}")
+        if up.tls.key_file is not None and up.tls.cert_file is None:
+            raise ConfigError(f"{where}.tls.key_file: needs tls.cert_file")
+
+
+def _upstream_paths(config: Config) -> list[tuple[str, Upstream]]:
+    if config.upstreams:
+        return [(f"upstreams.{i}", up) for i, up in enumerate(config.upstreams)]
+    return [("upstream", config.upstream)]
 
 
 def _check_store_url(url: str, where: str) -> None:
@@ -346,10 +422,9 @@ def _check_limits(config: Config) -> None:
     positive = [(f"teams.{i}.quota.{f.name}", getattr(team.quota, f.name))
                 for i, team in enumerate(config.teams) for f in dataclasses.fields(Quota)]
     positive += [(f"teams.{i}.max_inputs_per_request", t.max_inputs_per_request) for i, t in enumerate(config.teams)]
-    limits = config.upstream.limits
-    positive += [("upstream.limits.requests_per_minute", limits.requests_per_minute),
-                 ("upstream.limits.tokens_per_minute", limits.tokens_per_minute),
-                 ("upstream.limits.max_concurrency", limits.max_concurrency)]
+    for where, up in _upstream_paths(config):
+        positive += [(f"{where}.limits.{name}", getattr(up.limits, name))
+                     for name in ("requests_per_minute", "tokens_per_minute", "max_concurrency")]
     for where, value in positive:
         if value is not None and value < 1:
             raise ConfigError(f"{where}: must be at least 1, got {value}")
@@ -357,7 +432,7 @@ def _check_limits(config: Config) -> None:
                           ("coalesce.max_wait_ms", config.coalesce.max_wait_ms),
                           ("coalesce.quiet_ms", config.coalesce.quiet_ms),
                           ("quota.error_backoff_s", config.quota.error_backoff_s),
-                          ("upstream.limits.margin_s", limits.margin_s),
+                          *((f"{where}.limits.margin_s", up.limits.margin_s) for where, up in _upstream_paths(config)),
                           ("cache.hot_max_bytes", config.cache.hot_max_bytes),
                           ("cache.hot_requests_max_bytes", config.cache.hot_requests_max_bytes)]:
         if number < 0:
@@ -393,6 +468,11 @@ def build(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return _build_dataclass(tp, value, path)
+    if tp is ModelMap:
+        # A list names models this upstream knows by their public names.
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = {v: v for v in value}
+        return build(dict[str, str], value, path)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
