@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,9 @@ async def _router(app: web.Application, state_redis: Any, sim_runners: list[web.
             if kind == "tei":
                 base_url = base_url.removesuffix("/v1")  # TEI's routes are at the root
         pacers = [_pacer(app, state_redis, up, key) for key in up.pool]
-        clients.append(UpstreamClient(up, base_url, app[K.METRICS], pacers=pacers, prices=config.prices))
+        clock = app.get(K.CLOCK)
+        clients.append(UpstreamClient(up, base_url, app[K.METRICS], pacers=pacers, prices=config.prices,
+                                      monotonic=clock.time if clock is not None else time.monotonic))
     if sims:
         app[K.SIMULATOR] = next(iter(sims.values()))
     router = Router(clients, app[K.METRICS])

@@ -190,7 +190,9 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     checks = {"cache": await _ping(request.app[K.CACHE_STORE])}
     ready = all(checks.values())
-    body = {"status": "ready" if ready else "unavailable", "checks": checks}
+    # Breaker states are reported, not checked: an open breaker sends calls elsewhere, the replica still serves.
+    body = {"status": "ready" if ready else "unavailable", "checks": checks,
+            "upstreams": request.app[K.ROUTER].breakers()}
     return web.Response(
         status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json"
     )

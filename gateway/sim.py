@@ -83,6 +83,7 @@ class SimConfig:
     # Several accepted keys (a pool); with `api_key`, both are accepted. Calls are counted per key.
     api_keys: tuple[str, ...] = ()
     kind: str = "jina"  # one of SIM_KINDS
+    rate_limit_per_key: bool = False  # `rate_limit_requests` counts each bearer key apart, as providers do
     tei_model: str = "bge-m3"  # the one model a `tei` sim serves
 
 
@@ -392,7 +393,7 @@ class Simulator:
         self._clock = clock
         self._sleep = sleep
         self._faults: deque[Fault] = deque()
-        self._window: deque[float] = deque()
+        self._windows: dict[str, deque[float]] = {}  # by bearer key ("" unless rate_limit_per_key)
         # Cleared by pause(): answers wait (a crash test can stop the upstream mid-job, then kill the gateway).
         self._open = asyncio.Event()
         self._open.set()
@@ -441,9 +442,9 @@ class Simulator:
         app = web.Application(client_max_size=_MAX_BODY_BYTES)
         app.router.add_post("/v1/embeddings", self._handle)
         app.router.add_post("/embeddings", self._handle)
-        if self.config.kind == "tei":
-            app.router.add_post("/embed", self._handle)
-            app.router.add_post("/tokenize", self._tokenize)
+        # TEI's native routes: every sim serves them (the kind says what `embedding-gateway sim` announces).
+        app.router.add_post("/embed", self._handle)
+        app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/", self._health)
         # Control of a sim running as its own process (`embedding-gateway sim`): its counters, pause, resume.
         app.router.add_get("/_sim/stats", self._stats)
@@ -507,7 +508,7 @@ class Simulator:
         tei = request.path == "/embed"
         try:
             self._authorize(request)
-            self._admit()
+            self._admit(_bearer(request))
             req = _parse(_tei_request(body, self.config) if tei else body, self.config)
         except SimError as exc:
             return _error_response(exc)
@@ -559,18 +560,19 @@ class Simulator:
                 for n in req.tokens]
         return web.Response(body=orjson.dumps(rows), content_type="application/json")
 
-    def _admit(self) -> None:
+    def _admit(self, key: str) -> None:
         """Sliding-window log; only admitted requests enter the window."""
         limit = self.config.rate_limit_requests
         if limit is None:
             return
+        log = self._windows.setdefault(key if self.config.rate_limit_per_key else "", deque())
         now, window = self._clock(), self.config.rate_window_s
-        while self._window and self._window[0] <= now - window:
-            self._window.popleft()
-        if len(self._window) < limit:
-            self._window.append(now)
+        while log and log[0] <= now - window:
+            log.popleft()
+        if len(log) < limit:
+            log.append(now)
             return
-        oldest = self._window[0] if self._window else now
+        oldest = log[0] if log else now
         retry_after = max(1, math.ceil(oldest + window - now))
         raise SimError(
             429,

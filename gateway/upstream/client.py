@@ -79,8 +79,10 @@ class UpstreamClient:
         *,
         pacers: list[Pacer | None] | None = None,
         prices: Mapping[str, float] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`pacers`: one per key of `config.pool` (None: unpaced); `prices` per model, USD per 1M tokens."""
+        """`pacers`: one per key of `config.pool` (None: unpaced); `prices` per model, USD per 1M tokens;
+        `monotonic` times key cool-downs, ejections and the breaker (tests move it)."""
         self.config = config
         self.name = config.name
         self.metrics = metrics
@@ -92,8 +94,8 @@ class UpstreamClient:
         pacers = pacers or [None] * len(pool)
         keys = [ApiKey(f"{config.name}#{i + 1}", secret, pacers[i], config.limits.max_concurrency)
                 for i, secret in enumerate(pool)]
-        self.pool = KeyPool(config.name, keys, metrics, eject_s=config.eject_s)
-        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_open_s)
+        self.pool = KeyPool(config.name, keys, metrics, eject_s=config.eject_s, monotonic=monotonic)
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_open_s, monotonic)
         self._session: aiohttp.ClientSession | None = None
 
     @property

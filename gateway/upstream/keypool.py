@@ -26,7 +26,7 @@ class ApiKey:
     busy: int = 0
     cool_until: float = 0.0  # monotonic; after a 429
     ejected_until: float = 0.0  # monotonic; after a 401/403
-    used: int = 0  # calls given to this key (ties go to the least used)
+    used: int = 0  # when this key was last given a call (a pool-wide count): ties go to the least recent
 
     @property
     def headers(self) -> dict[str, str]:
@@ -53,6 +53,7 @@ class KeyPool:
         self.eject_s = eject_s
         self.monotonic = monotonic
         self._freed = asyncio.Event()
+        self._turn = 0
 
     async def acquire(self, tokens: int, deadline: float) -> ApiKey:
         """A key with a free slot and pacing room, the least busy first; waits for a slot while every usable key
@@ -69,7 +70,8 @@ class KeyPool:
                 await self._freed.wait()
                 continue
             key.busy += 1
-            key.used += 1
+            self._turn += 1
+            key.used = self._turn
             try:
                 if key.pacer is not None:
                     await key.pacer.acquire(tokens, deadline)
