@@ -55,7 +55,7 @@ async def test_each_model_reaches_its_upstream_in_its_wire_format_and_answers_in
     reference = Simulator(SimConfig())
     for model, upstream in [("jina-embeddings-v3", "jina"), ("text-embedding-3-small", "oai"), ("bge-m3", "tei")]:
         body = {"model": model, "input": [f"{model} one", f"{model} two"], "embedding_type": output}
-        status, headers, raw = await post(client, body)
+        status, _headers, raw = await post(client, body)
         assert status == 200, raw
         assert raw == await upstream_answer(reference, body), f"{model} via {upstream}"
         assert {name: sim.calls for name, sim in sims(client).items() if sim.calls} == {upstream: 1}
@@ -176,7 +176,7 @@ async def test_no_pool_key_appears_in_a_response_a_log_line_or_metrics(
                                 Fault("status", status=503))
     seen = b""
     for i in range(6):
-        status, headers, raw = await post(client, {"model": "jina-embeddings-v3", "input": [f"secret {i}"]})
+        _status, headers, raw = await post(client, {"model": "jina-embeddings-v3", "input": [f"secret {i}"]})
         seen += raw + str(dict(headers)).encode()
     seen += (await scrape(client)).encode() + await (await client.get("/readyz")).read()
     seen += caplog.text.encode()
