@@ -207,8 +207,8 @@ class Metrics:
             "eg_upstream_key_ejections", "Keys ejected after an upstream 401/403", ["upstream", "key"], registry=r
         )
         self.upstream_failovers = Counter(
-            "eg_upstream_failovers", "Calls moved to the next upstream serving the model",
-            ["model", "from_upstream", "to_upstream"], registry=r,
+            "eg_upstream_failovers", "Calls that left this upstream for the next one serving the model",
+            ["upstream"], registry=r,
         )
         self.upstream_breaker = Gauge(
             "eg_upstream_breaker_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",

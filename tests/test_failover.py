@@ -141,7 +141,7 @@ async def test_the_primary_killed_mid_load_fails_over_and_traffic_returns_after_
                              headers=auth(TEAM_A_KEY))
     assert resp.status == 200
     backup_calls = backup.calls
-    statuses, _ = await load(client, bodies + [{"model": MODEL, "input": ["after the restart, again"]}])
+    statuses, _ = await load(client, [*bodies, {"model": MODEL, "input": ["after the restart, again"]}])
     assert statuses == [200] * 201
     assert primary.stats()["calls"] == 2 and backup.calls == backup_calls, "traffic is back on the primary"
     ready = await (await client.get("/readyz")).json()

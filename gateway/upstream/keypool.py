@@ -54,6 +54,9 @@ class KeyPool:
         self.monotonic = monotonic
         self._freed = asyncio.Event()
         self._turn = 0
+        for key in keys:  # every series from the start, so a dashboard rate() sees 0, not nothing
+            for series in (metrics.upstream_key_cooldowns, metrics.upstream_key_ejections, metrics.upstream_key_tokens):
+                metrics.child(series, upstream, key.id)
 
     async def acquire(self, tokens: int, deadline: float) -> ApiKey:
         """A key with a free slot and pacing room, the least busy first; waits for a slot while every usable key

@@ -27,8 +27,10 @@ class Router:
         for client in clients:
             for model in client.config.models or {}:
                 self._served.setdefault(model, []).append(client)
-        for client in clients:
+        for client in clients:  # every series from the start, so a dashboard rate() sees 0, not nothing
             metrics.upstream_breaker.labels(client.name).set(0)
+            metrics.child(metrics.upstream_failovers, client.name)
+            metrics.child(metrics.upstream_cost, client.name)
 
     @property
     def models(self) -> list[str]:
@@ -84,7 +86,7 @@ class Router:
             if not client.breaker.allow() and (i < len(candidates) - 1 or previous is not None):
                 continue
             if previous is not None:
-                self.metrics.child(self.metrics.upstream_failovers, model, previous.name, client.name).inc()
+                self.metrics.child(self.metrics.upstream_failovers, previous.name).inc()
                 log.warning("upstream %s failed for %s (%s); failing over to %s", previous.name, model,
                             failed, client.name)
             try:
