@@ -82,8 +82,6 @@ class Upstream:
     priority: int = 1  # lower is tried first; equal priorities share the load by weight
     weight: float = 1.0
     drop_params: bool = False  # drop request fields this kind cannot take instead of refusing them (422)
-    # Cache keys are per public model; an upstream whose vectors must not be shared gets its own namespace.
-    cache_namespace: str | None = None
     # USD per 1M tokens per model billed here (0 for a self-hosted one); a model not listed uses `prices`.
     prices: dict[str, float] = field(default_factory=dict)
     # A key the upstream refused (401/403) is left out for this long, then tried again.

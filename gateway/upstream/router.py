@@ -47,11 +47,6 @@ class Router:
         serving = self._serving(model)
         return min(serving, key=lambda c: c.config.priority).config.max_inputs_for(model) if serving else 1
 
-    def cache_namespace(self, model: str) -> str | None:
-        """The namespace of `model`'s cache keys: that of its first-choice upstream (None: shared)."""
-        serving = self._serving(model)
-        return min(serving, key=lambda c: c.config.priority).config.cache_namespace if serving else None
-
     def breakers(self) -> dict[str, str]:
         return {c.name: c.breaker.state for c in self.clients}
 
@@ -64,7 +59,7 @@ class Router:
             await client.close()
 
     def _serving(self, model: str) -> list[UpstreamClient]:
-        return self._served.get(model) or self._any
+        return [*self._served.get(model, ()), *self._any]
 
     def candidates(self, model: str) -> list[UpstreamClient]:
         """The upstreams to try, in order: by priority, then a weighted shuffle within a priority."""
