@@ -117,6 +117,7 @@ async def _embed(
     fields["inputs"] = inputs
     if team.models is not None and model not in team.models:
         raise Forbidden(f"team {team.name!r} may not use model {model!r}", code="MODEL_NOT_ALLOWED")
+    app[K.ROUTER].check_model(model, team.models)
     outcome = await app[K.SERVICE].embed(team, req, deadline=started + config.limits.request_timeout_s)
     payload = app[K.CACHE].answer(model, outcome.tokens, outcome.keys, outcome.vectors, outcome.item_tokens,
                                   req.output)

@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway import appkeys as K
+from gateway.auth import hash_key
 from gateway.sim import Fault, SimConfig, Simulator
 from gateway.upstream.breaker import CircuitBreaker
 
@@ -87,6 +88,14 @@ async def test_an_unknown_model_is_a_422_listing_the_models(gateway: Gateway) ->
     assert body["detail"] == ("model: no upstream serves 'no-such-model'; models: bge-m3, jina-clip-v2, "
                               "jina-embeddings-v3, text-embedding-3-small")
     assert sum(sim.calls for sim in sims(client).values()) == 0
+
+
+async def test_an_unknown_model_lists_only_the_models_the_team_may_use(gateway: Gateway) -> None:
+    team = {"name": "team-a", "keys": [hash_key(TEAM_A_KEY)], "models": ["bge-m3", "jina-embeddings-v3", "gone"]}
+    client = await gateway(upstreams=THREE, teams=[team])
+    status, _, raw = await post(client, {"model": "gone", "input": ["x"]})
+    assert status == 422 and orjson.loads(raw)["detail"] == (
+        "model: no upstream serves 'gone'; models: bge-m3, jina-embeddings-v3")
 
 
 async def test_a_field_the_upstream_cannot_take_is_a_422_unless_it_drops_params(gateway: Gateway) -> None:

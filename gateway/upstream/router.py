@@ -61,11 +61,16 @@ class Router:
     def _serving(self, model: str) -> list[UpstreamClient]:
         return [*self._served.get(model, ()), *self._any]
 
+    def check_model(self, model: str, allowed: tuple[str, ...] | None = None) -> None:
+        """A 422 on `model` when no upstream serves it, listing the served models among `allowed` (a team's)."""
+        if not self._serving(model):
+            listed = [m for m in self.models if allowed is None or m in allowed]
+            raise ValidationFailed("model", f"no upstream serves {model!r}; models: {', '.join(listed)}")
+
     def candidates(self, model: str) -> list[UpstreamClient]:
         """The upstreams to try, in order: by priority, then a weighted shuffle within a priority."""
+        self.check_model(model)
         serving = self._serving(model)
-        if not serving:
-            raise ValidationFailed("model", f"no upstream serves {model!r}; models: {', '.join(self.models)}")
         # Efraimidis–Spirakis: sorting by u^(1/weight) draws without replacement in proportion to weight.
         return sorted(serving, key=lambda c: (c.config.priority, -random.random() ** (1 / c.config.weight)))
 
