@@ -9,9 +9,9 @@ tokens), its oldest input has waited `max_wait_ms`, or the group's calls have al
 input of a burst at once while slots are free would not do: a burst arrives over more than one upstream
 round trip (the gateway parses it at a finite rate), so each freed slot would leave with one input.
 
-Batches are formed only when one of the `upstream.limits.max_concurrency` call slots is free, so work that
-cannot go yet waits here, where its order is decided: interactive before batch-priority work, and across
-teams in proportion to their `weight` (start-time fair queuing over estimated tokens), not first come.
+Batches are formed only when one of the router's call slots (`limits.max_concurrency` per key of every
+upstream) is free, so work that cannot go yet waits here, where its order is decided: interactive before
+batch-priority work, and across teams in proportion to their `weight` (start-time fair queuing over estimated tokens), not first come.
 
 A key queued or in flight is never sent twice: later callers join it. Upstream calls run in tasks owned by
 the coalescer, so a caller that goes away never cancels work other callers wait for, and the result is
@@ -572,7 +572,7 @@ class Coalescer:
     ) -> None:
         slot = False
         try:
-            await self._take_slot()  # a unit counts against upstream.limits.max_concurrency like a batch
+            await self._take_slot()  # a unit takes a call slot like a batch
             slot = True
             self.calls += 1
             result = await self.upstream.embed(params, items, time.monotonic() + self.call_budget_s)

@@ -64,9 +64,10 @@ async def test_each_model_reaches_its_upstream_in_its_wire_format_and_answers_in
             sim.reset_counters()
     tei_call = sims(client)["tei"]
     assert tei_call.requests == []  # reset above; check the wire of one more TEI call
-    await post(client, {"model": "bge-m3", "input": ["native wire"], "normalized": False})
+    _, headers, _ = await post(client, {"model": "bge-m3", "input": ["native wire"], "normalized": False})
     assert tei_call.requests == [{"inputs": ["native wire"], "normalize": False}]
     assert tei_call.tokenize_calls == 1  # TEI answers no usage: the tokens come from /tokenize
+    assert headers["X-Upstream-Tokens"] == str(reference.token_count("native wire"))
 
 
 async def test_the_openai_upstream_gets_openai_fields_and_its_own_model_name(gateway: Gateway) -> None:
@@ -116,6 +117,25 @@ async def test_a_batch_bigger_than_the_upstreams_limit_is_split(gateway: Gateway
     assert status == 200 and raw == await upstream_answer(Simulator(SimConfig()), {"model": "jina-embeddings-v3",
                                                                                   "input": texts})
     assert sorted(len(r["input"]) for r in sims(client)["jina"].requests) == [1, 3, 3, 3]
+
+
+async def test_equal_priorities_share_the_calls_by_weight(gateway: Gateway) -> None:
+    heavy = {**one_upstream(keys=[]), "weight": 3.0}
+    light = {**one_upstream(keys=[]), "name": "light", "weight": 1.0}
+    client = await gateway(upstreams=[heavy, light], coalesce={"max_batch_inputs": 1})
+    for i in range(400):
+        assert (await post(client, {"model": "jina-embeddings-v3", "input": [f"weighted {i}"]}))[0] == 200
+    calls = {name: sim.calls for name, sim in sims(client).items()}
+    assert calls["jina"] + calls["light"] == 400 and 260 <= calls["jina"] <= 340, calls  # 75% expected
+
+
+async def test_an_openai_upstream_refuses_jina_only_fields_unless_it_drops_them(gateway: Gateway) -> None:
+    strict = await gateway(upstreams=[THREE[1]])
+    status, _, raw = await post(strict, {"model": "text-embedding-3-small", "input": ["x"], "late_chunking": True})
+    assert status == 422 and orjson.loads(raw)["errors"][0]["field"] == "late_chunking"
+    lenient = await gateway(upstreams=[{**THREE[1], "drop_params": True}])
+    status, _, _ = await post(lenient, {"model": "text-embedding-3-small", "input": ["x"], "task": "text-matching"})
+    assert status == 200 and "task" not in sims(lenient)["oai"].requests[0]
 
 
 # ---- key pools -------------------------------------------------------------------------------------------
