@@ -11,7 +11,8 @@ round trip (the gateway parses it at a finite rate), so each freed slot would le
 
 Batches are formed only when one of the router's call slots (`limits.max_concurrency` per key of every
 upstream) is free, so work that cannot go yet waits here, where its order is decided: interactive before
-batch-priority work, and across teams in proportion to their `weight` (start-time fair queuing over estimated tokens), not first come.
+batch-priority work, and across teams in proportion to their `weight` (start-time fair queuing over estimated
+tokens), not first come.
 
 A key queued or in flight is never sent twice: later callers join it. Upstream calls run in tasks owned by
 the coalescer, so a caller that goes away never cancels work other callers wait for, and the result is
