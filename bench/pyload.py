@@ -22,9 +22,13 @@ import orjson
 def bodies_of(mode: str, file: str, run: str, worker: int) -> Iterator[bytes]:
     lines = [line for line in Path(file).read_bytes().split(b"\n") if line]
     every = int(lines.pop(0)) if mode == "mix" else 0
-    if mode == "cycle":
+    if mode in ("cycle", "fresh"):
         start = (worker * 7919) % len(lines)
-        return itertools.cycle(lines[start:] + lines[:start])
+        cycle = itertools.cycle(lines[start:] + lines[:start])
+        if mode == "cycle":
+            return cycle
+        # Same sequence as wrk.lua's fresh: the same inputs in a body whose bytes are new.
+        return (b"{" + b" " * (n % 211) + next(cycle)[1:] for n in itertools.count(1))
     pre, post, hits = lines[0], lines[1], lines[2:]
     tag = f"{run}-{worker}-".encode()
     if mode == "unique":
@@ -119,7 +123,7 @@ async def _worker(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", required=True)
-    parser.add_argument("--mode", choices=("cycle", "unique", "mix", "once"), required=True)
+    parser.add_argument("--mode", choices=("cycle", "fresh", "unique", "mix", "once"), required=True)
     parser.add_argument("--file", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--run", default="0")

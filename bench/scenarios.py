@@ -217,6 +217,42 @@ def all_hits(ctx: Ctx) -> None:
     ctx.raw["all_hits"] = {k: v.as_dict() for k, v in r.items()}
 
 
+def hits_by_store(ctx: Ctx) -> None:
+    """8: hits through each store (the Redis cache, memory://, the Redis cache with --workers 2): an exact repeat
+    of 1 input, and new bodies (the same cached inputs in bytes never sent before) of 1 and of 32 base64 inputs."""
+    s = ctx.settings
+    singles = [body(text("store", i)) for i in range(s.working_set)]
+    multi = [body([text("store", (k * 37 + j) % s.working_set) for j in range(32)], encoding_format="base64")
+             for k in range(s.working_set)]
+    gateways = {
+        "redis": ctx.gateway,
+        "memory": ctx.procs.gateway("gateway-memory", ctx.sim, "memory://"),
+        "redis-w2": ctx.procs.gateway("gateway-w2", ctx.sim, f"redis://127.0.0.1:{ctx.redis.port}/0", workers=2),
+    }
+    for name, gw in gateways.items():
+        fill(ctx, gw, f"warm-{name}.jsonl", singles)
+    bare = ctx.procs.bare({"one": post(ctx.gateway.port, singles[0]), "multi": post(ctx.gateway.port, multi[0])})
+    one, many = ctx.file("store-1.jsonl", singles), ctx.file("store-32.jsonl", multi)
+    c, d = s.high_concurrency, s.duration_s
+    loads = {"bare_1": ctx.load(bare, "cycle", one, c, d, "/bare/one"),
+             "bare_32": ctx.load(bare, "cycle", many, c, d, "/bare/multi")}
+    for name, gw in gateways.items():
+        loads[f"{name}_repeat1"] = ctx.load(gw, "cycle", one, c, d)
+        loads[f"{name}_new1"] = ctx.load(gw, "fresh", one, c, d)
+        loads[f"{name}_new32"] = ctx.load(gw, "fresh", many, c, d)
+    r = measure(ctx, loads)
+    ctx.procs.stop(bare)
+    for name in gateways:
+        for case, ref, label, target in (("repeat1", "bare_1", "exact repeat, 1 input", 0.55),
+                                         ("new1", "bare_1", "new body, 1 input", 0.5),
+                                         ("new32", "bare_32", "new body, 32 base64", 0.45)):
+            g, b = r[f"{name}_{case}"], r[ref]
+            ratio = g.rps / b.rps
+            ctx.rows.append(Row(f"8 {name}: {label}, c={c}", rate(g), "bare " + rate(b), f"{ratio:.2f}x",
+                                f">= {target:.2f}x", ratio >= target, cpu(g, b)))
+    ctx.raw["hits_by_store"] = {k: v.as_dict() for k, v in r.items()}
+
+
 def all_misses(ctx: Ctx) -> None:
     """3: every request a new input, through the gateway vs the simulator called directly."""
     s = ctx.settings

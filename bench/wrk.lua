@@ -2,6 +2,8 @@
 --   cycle:  FILE holds one request body per line; each thread cycles through them from its own offset.
 --   unique: FILE holds two lines, the text before and after a request-unique token (RUN-thread-counter),
 --           so every request carries inputs nobody has sent before.
+--   fresh:  as cycle, with each body's opening brace followed by 0-210 spaces in turn: the same inputs (cache
+--           hits) in a body whose bytes are new (211 is prime to the file's length in the bench).
 --   mix:    FILE's first line is N, the next two a `unique` template, the rest `cycle` bodies: every Nth
 --           request is new (a miss), the others cycle (hits).
 -- done() prints one JSON line that bench/load.py reads.
@@ -24,7 +26,7 @@ function init(args)
   if mode == "mix" then
     every = tonumber(table.remove(bodies, 1))
   end
-  if mode ~= "cycle" then
+  if mode ~= "cycle" and mode ~= "fresh" then
     pre = table.remove(bodies, 1)
     post = table.remove(bodies, 1)
     run = args[4] or "0"
@@ -36,7 +38,11 @@ end
 
 function request()
   local body
-  if mode == "cycle" or (mode == "mix" and (counter + 1) % every ~= 0) then
+  if mode == "fresh" then
+    i = i % n + 1
+    counter = (counter or 0) + 1
+    body = "{" .. string.rep(" ", counter % 211) .. string.sub(bodies[i], 2)
+  elseif mode == "cycle" or (mode == "mix" and (counter + 1) % every ~= 0) then
     i = i % n + 1
     body = bodies[i]
     if mode == "mix" then counter = counter + 1 end

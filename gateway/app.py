@@ -22,7 +22,6 @@ from .cache import EmbeddingCache
 from .coalescer import Coalescer
 from .jobs import JobStore, open_job_store
 from .live import LiveConfig
-from .memo import ResponseMemo
 from .metrics import Metrics, replace
 from .middleware import Routes
 from .pacing import MemoryPacingBackend, Pacer, PacingBackend, RedisPacingBackend, budget_id
@@ -73,7 +72,9 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     config = live.config  # what is read once here needs a restart to change (see live.py)
     metrics = app[K.METRICS]
     sim_runners: list[web.AppRunner] = []
-    store = open_cache_store(
+    # memory:// is the in-process tier alone; a shared store sits behind it otherwise.
+    memory_only = config.cache.url.startswith("memory://")
+    store = None if memory_only else open_cache_store(
         config.cache.url, max_bytes=config.cache.max_bytes, socket_timeout_s=config.cache.socket_timeout_s,
         options=config.cache.redis,
     )
@@ -81,15 +82,12 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     cache = EmbeddingCache(
         store,
         ttl_s=config.cache.ttl_s,
+        local_max_bytes=config.cache.max_bytes if memory_only else config.cache.hot_max_bytes,
         error_backoff_s=config.cache.error_backoff_s,
         on_error=lambda op: metrics.store_errors.labels("cache", op).inc(),
-        # memory:// is in-process already: a hot LRU in front of it would only hold everything twice.
-        hot_max_bytes=0 if config.cache.url.startswith("memory://") else config.cache.hot_max_bytes,
     )
     app[K.CACHE] = cache
-    memo = app[K.REPEATS] = ResponseMemo(config.cache.hot_requests_max_bytes if cache.hot is not None else 0)
-    live.on_change(lambda _: memo.clear())
-    metrics.on_scrape(functools.partial(_hot_snapshot, cache, memo, metrics), name="hot_cache")
+    metrics.on_scrape(functools.partial(_local_snapshot, cache, metrics), name="hot_cache")
     state_redis = _state_client(config.state)
     app[K.STATE_REDIS] = state_redis
     usage = _usage_recorder(config, state_redis, metrics)
@@ -118,7 +116,8 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         await coalescer.close()
         await upstream.close()  # after the coalescer's calls have all finished
         await usage.close()  # after in-flight requests were tallied, before the state client closes
-        await store.close()
+        if store is not None:
+            await store.close()
         if state_redis is not None:
             await state_redis.aclose()
         for runner in sim_runners:
@@ -225,10 +224,9 @@ def _batch_worker(
     return worker
 
 
-async def _hot_snapshot(cache: EmbeddingCache, memo: ResponseMemo, metrics: Metrics) -> None:
-    for tier, held in (("entries", cache.hot), ("requests", memo)):
-        metrics.hot_bytes.labels(tier).set(held.bytes if held is not None else 0)
-        metrics.hot_items.labels(tier).set(len(held) if held is not None else 0)
+async def _local_snapshot(cache: EmbeddingCache, metrics: Metrics) -> None:
+    metrics.hot_bytes.labels("entries").set(cache.local.bytes)
+    metrics.hot_items.labels("entries").set(len(cache.local))
 
 
 async def _batch_snapshot(jobs: JobStore, metrics: Metrics) -> None:

@@ -12,7 +12,6 @@ from .cache import EmbeddingCache
 from .coalescer import Coalescer
 from .jobs import JobStore
 from .live import LiveConfig
-from .memo import ResponseMemo
 from .metrics import Metrics
 from .quota import Clock, QuotaGate
 from .service import EmbeddingService
@@ -25,10 +24,9 @@ from .usage import UsageRecorder
 # need them, once per request, never copy a live setting at start-up (or register with `on_change`).
 LIVE = web.AppKey("live", LiveConfig)
 METRICS = web.AppKey("metrics", Metrics)
-CACHE_STORE = web.AppKey("cache_store", CacheStore)
+# The shared cache store, or None when `cache.url` is memory:// (the in-process tier is the whole cache).
+CACHE_STORE: web.AppKey[CacheStore | None] = web.AppKey("cache_store")
 CACHE = web.AppKey("cache", EmbeddingCache)
-# Exact repeats of all-hit requests, by body → their keys (emptied by a config reload).
-REPEATS = web.AppKey("repeats", ResponseMemo)
 COALESCER = web.AppKey("coalescer", Coalescer)
 SERVICE = web.AppKey("service", EmbeddingService)
 USAGE = web.AppKey("usage", UsageRecorder)

@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 
 from . import config as cfg
-from .cache import decode, encode
+from .codec import decode, encode
 from .errors import (
     GatewayError,
     Overloaded,
@@ -38,7 +38,8 @@ from .files import Line, LineError, decode_chunk
 from .jobs import Job, JobStore
 from .live import LiveConfig
 from .metrics import Metrics
-from .protocol import EmbeddingRequest, parse_embedding_request, render_embeddings
+from .protocol import EmbeddingRequest, parse_embedding_request
+from .render import render_embeddings
 from .service import EmbeddingService, Outcome
 from .usage import Tally, UsageRecorder
 
@@ -65,8 +66,8 @@ class LineOutput:
 def pack_outputs(results: Sequence[LineOutput]) -> bytes:
     """[len][header JSON][vector entries]; a 1024-dim vector takes ~4.1 KB instead of ~13 KB of JSON.
 
-    The floats stay raw: deflating their top byte would save ~15% of the bytes held for `retention_s`, at
-    ~40 µs per vector on the event loop that serves interactive requests (or, in a thread, holding the GIL)."""
+    The floats stay raw: deflating their top byte would save ~15% of the bytes held for `retention_s`, at a
+    cost per vector paid on the event loop that serves interactive requests (or, in a thread, holding the GIL)."""
     entries = [encode(vec, 0, compact=False) for r in results for vec in r.vectors]
     sizes = iter(len(e) for e in entries)
     header = orjson.dumps(

@@ -19,7 +19,7 @@ from . import config as cfg
 from .batch import render_outputs
 from .errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, ValidationFailed
 from .files import ENDPOINTS, Line, LineError, Rules, check_unique, count_lines, encode_chunk, parse_file, parse_inline
-from .handlers import principal_of, read_body
+from .incoming import principal_of, read_body
 from .jobs import FileMeta, Job, Stream
 from .middleware import Routes
 from .protocol import parse_json_object

@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import config as cfg
+
+# Where `serve` looks when no --config is given: the embedded demo config, relative to the working directory.
+DEFAULT_CONFIG = "config/demo.yaml"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", "-c", default="config/demo.yaml", help="YAML config file")
+    serve.add_argument("--config", "-c", help=f"YAML config file (default: {DEFAULT_CONFIG} in the working directory)")
     serve.add_argument("--host", help="override listen.host")
     serve.add_argument("--port", type=int, help="override listen.port")
     serve.add_argument("--workers", "-w", type=int, default=1,
@@ -59,19 +63,30 @@ def _load(path: str) -> cfg.Config:
     try:
         return cfg.load_config(path)
     except (cfg.ConfigError, OSError) as exc:
-        print(f"embedding-gateway: {path}: {exc}", file=sys.stderr)
+        for problem in str(exc).splitlines():
+            print(f"embedding-gateway: {path}: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     from .server import run, setup_logging
 
-    config = _load(args.config)
+    path = args.config or _default_config()
+    config = _load(path)
     setup_logging(config.log_level)
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
     # SIGTERM/SIGINT drain (exit 0 when every in-flight request finished); SIGHUP reloads the config file.
-    return run(config, args.config, host=host, port=port, workers=args.workers)
+    return run(config, path, host=host, port=port, workers=args.workers)
+
+
+def _default_config() -> str:
+    if not Path(DEFAULT_CONFIG).is_file():
+        print(f"embedding-gateway: no --config given and no {DEFAULT_CONFIG} in {Path.cwd()}: run from a clone of the "
+              "repository (it ships the demo config), or pass --config PATH to your own file (start from "
+              "config/gateway.yaml; check it with `embedding-gateway check-config PATH`)", file=sys.stderr)
+        raise SystemExit(2)
+    return DEFAULT_CONFIG
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -36,7 +36,8 @@ from typing import Any, Literal
 import numpy as np
 
 from . import config as cfg
-from .cache import EmbeddingCache, Entry, encode, encode_unit
+from .cache import EmbeddingCache
+from .codec import Entry
 from .errors import GatewayError, Overloaded, UpstreamFailed, UpstreamRejected, UpstreamTimeout
 from .metrics import Metrics
 from .protocol import Item
@@ -514,13 +515,12 @@ class Coalescer:
         if answered is not None:
             answered()
         try:
-            # Let the callers answer their clients before this task spends time encoding the entries (tens of
-            # µs per vector: a big batch's encoding would otherwise come before every answer) and recording the
-            # call's metrics. Their tasks were woken above, so they run in the next iteration, ahead of this one.
+            # Let the woken callers answer their clients before this task encodes the entries and records the
+            # call's metrics: a big batch's encoding would otherwise come before every answer.
             await asyncio.sleep(0)
-            writes = [(p.miss.key, encode(vec, tokens))
-                      for p, vec, tokens in zip(batch, result.vectors, shares, strict=True)]
-            await self.cache.set_many(writes)
+            fresh = [(p.miss.key, Entry(vectors=vec, tokens=tokens))
+                     for p, vec, tokens in zip(batch, result.vectors, shares, strict=True)]
+            await self.cache.put_many(fresh, promote=any(p.rank == _RANK["interactive"] for p in batch))
         finally:
             self.upstream.record(result)
             self._land(batch)
@@ -581,7 +581,7 @@ class Coalescer:
             future.set_result(Entry(vectors=vectors, tokens=result.tokens))
             slot = False  # answered: the slot is free before the cache write, as a batch's is
             self._free_slot()
-            await self.cache.set_many([(key, encode_unit(vectors, result.tokens))])
+            await self.cache.put_many([(key, Entry(vectors=vectors, tokens=result.tokens))])
         except Exception as exc:
             if not future.done():
                 future.set_exception(exc if isinstance(exc, GatewayError) else UpstreamFailed(repr(exc)))

@@ -1,7 +1,8 @@
-"""Configuration: YAML in, frozen dataclasses out, built once and validated with errors that name the key path.
+"""Configuration: YAML in, frozen dataclasses out, built once and validated by pydantic; every error names the key path.
 
-The loader is deliberately small: it walks the dataclass fields and their type hints, so adding a setting is
-adding a field with a default. `${VAR}` and `${VAR:-default}` are interpolated from the environment first.
+Every section is a frozen pydantic dataclass with keyword-only fields and no unknown keys, so callers read plain
+attributes and adding a setting is adding a field with a default (and its range in the type). `${VAR}` and
+`${VAR:-default}` are interpolated from the environment first.
 """
 
 from __future__ import annotations
@@ -13,95 +14,129 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, NewType
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic_core import ErrorDetails
 
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key path."""
 
 
-@dataclass(frozen=True, kw_only=True)
+def _key_hash(key: str) -> str:
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
+        raise ValueError("expected 'sha256:<64 hex digits>' (see `embedding-gateway keys new`)")
+    if len(set(key.removeprefix("sha256:"))) == 1:
+        raise ValueError(f"{key[:15]}… is a placeholder, not a valid key hash: create a key with "
+                         "`embedding-gateway keys new` and paste its sha256 line here")
+    return key
+
+
+# Scalars are strict (YAML `'80'` is not a port, `true` is not a count); an int is accepted where a float is asked.
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Count = Annotated[int, Strict(), Field(ge=1)]  # sizes, limits and counts: at least 1
+Zeroable = Annotated[int, Strict(), Field(ge=0)]  # 0 means "off" or "none"
+Seconds = Annotated[float, Strict(), Field(gt=0)]  # timeouts and intervals: above 0
+Delay = Annotated[float, Strict(), Field(ge=0)]  # waits, backoffs and weights that may be 0
+Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
+KeyHash = Annotated[str, Strict(), AfterValidator(_key_hash)]
+Weight = Annotated[float, Strict(), Field(gt=0)]
+
+
+def _model_list(value: Any) -> Any:
+    """A list of models names each by its public name."""
+    return {v: v for v in value} if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+
+
+# An upstream's models: public name → the name this upstream knows (YAML may give a list of public names).
+ModelMap = Annotated[dict[Str, Annotated[str, Strict(), Field(min_length=1)]], BeforeValidator(_model_list)]
+_SECTION = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Listen:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: Str = "127.0.0.1"
+    port: Port = 8080
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class UpstreamLimits:
     """Limits of the one shared upstream key, enforced across all replicas through the state store."""
 
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    max_concurrency: int = 8
+    requests_per_minute: Count | None = None
+    tokens_per_minute: Count | None = None
+    max_concurrency: Count = 8
     # Added to the 60-s pacing window: network jitter between the replicas and the upstream must never put
     # one call too many into one of the upstream's own windows.
-    margin_s: float = 1.0
+    margin_s: Delay = 1.0
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class SimSettings:
     """Settings of the built-in simulated upstream used when `upstream.url` is `sim://`."""
 
-    latency_base_ms: float = 20.0
-    latency_per_token_ms: float = 0.0
-    rate_limit_requests: int | None = None
-    rate_window_s: float = 60.0
+    latency_base_ms: Delay = 20.0
+    latency_per_token_ms: Delay = 0.0
+    rate_limit_requests: Count | None = None
+    rate_window_s: Seconds = 60.0
 
 
-@dataclass(frozen=True, kw_only=True)
-class UpstreamTLS:
-    """https:// upstreams: a CA bundle to trust instead of the system's, a client certificate for mutual TLS."""
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
+class UpstreamTls:
+    """TLS towards the upstream; unset fields keep the system's trust store and no client certificate."""
 
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None  # None: the key is in cert_file
-
-
-# An upstream's models: public name → the name this upstream knows. YAML may give a list (each its own name).
-ModelMap = NewType("ModelMap", dict)  # type: ignore[type-arg]
+    ca_file: Str | None = None  # PEM bundle of the CAs to trust instead of the system's
+    cert_file: Str | None = None  # client certificate (PEM) for mutual TLS
+    key_file: Str | None = None  # its private key, when not in cert_file
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Upstream:
     """One upstream deployment (in `upstreams:`; the single `upstream:` block is one named `default`)."""
 
-    name: str = "default"
-    # The wire format: "jina" (`embedding_type`), "openai" (`encoding_format`, token arrays), "tei" (`POST /embed`).
+    name: Str = "default"
+    # The wire format: "jina" (`embedding_type`), "openai" (`encoding_format`), "tei" (TEI's `POST /embed`).
     kind: Literal["jina", "openai", "tei"] | None = None
-    url: str = "sim://"
-    api_key: str = ""
-    keys: tuple[str, ...] = ()  # a pool of keys; `api_key` is a pool of one
-    # The old name of `kind` (jina | openai), still read when `kind` is not set.
+    url: Str = "sim://"
+    api_key: Str = ""
+    keys: tuple[Str, ...] = ()  # a pool of keys; `api_key` is a pool of one
+    # The old name of `kind` (jina | openai), read when `kind` is not set.
     api: Literal["jina", "openai"] = "jina"
-    # Public model → this upstream's name for it; None: every model (the upstream validates it).
+    # Public model → this upstream's name for it; None: every model no other upstream names.
     models: ModelMap | None = None
-    priority: int = 1  # lower is tried first; equal priorities share the load by weight
-    weight: float = 1.0
-    drop_params: bool = False  # drop request fields this kind cannot take instead of refusing them (422)
+    priority: Int = 1  # lower is tried first; equal priorities share the load by weight
+    weight: Weight = 1.0
+    drop_params: Bool = False  # drop request fields this kind cannot take instead of refusing them (422)
     # USD per 1M tokens per model billed here (0 for a self-hosted one); a model not listed uses `prices`.
-    prices: dict[str, float] = field(default_factory=dict)
+    prices: dict[Str, Delay] = field(default_factory=dict)
     # A key the upstream refused (401/403) is left out for this long, then tried again.
-    eject_s: float = 300.0
+    eject_s: Seconds = 300.0
     # Consecutive failed calls (5xx, timeouts, connection errors past the retries) that open the breaker, and
     # the time it stays open before one probe call may go.
-    breaker_failures: int = 5
-    breaker_open_s: float = 10.0
-    timeout_s: float = 30.0
-    max_retries: int = 4
-    backoff_base_s: float = 0.2
-    backoff_max_s: float = 8.0
+    breaker_failures: Count = 5
+    breaker_open_s: Seconds = 10.0
+    timeout_s: Seconds = 30.0
+    max_retries: Zeroable = 4
+    backoff_base_s: Delay = 0.2
+    backoff_max_s: Delay = 8.0
     # The upstream's per-request input limit; larger miss lists are split into several calls.
-    max_inputs_per_call: dict[str, int] = field(
+    max_inputs_per_call: dict[Str, Count] = field(
         default_factory=lambda: {"jina-embeddings-v4": 512, "jina-embeddings-v3": 2048}
     )
-    default_max_inputs_per_call: int = 2048
+    default_max_inputs_per_call: Count = 2048
     limits: UpstreamLimits = field(default_factory=UpstreamLimits)
-    tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     sim: SimSettings = field(default_factory=SimSettings)
+    tls: UpstreamTls = field(default_factory=UpstreamTls)
+    # Take HTTP(S)_PROXY, NO_PROXY and ~/.netrc from the environment, as aiohttp's `trust_env` does.
+    trust_env: Bool = True
 
     def max_inputs_for(self, model: str) -> int:
         return self.max_inputs_per_call.get(model, self.default_max_inputs_per_call)
@@ -119,156 +154,169 @@ class Upstream:
         return public if self.models is None else self.models[public]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class RedisOptions:
     """Pool, timeouts, retries and TLS of one Redis store (the URL says which kind: see gateway/store/redis.py)."""
 
     # Per process (per node in a cluster); a request holds one connection for its one round trip. Past it a command
     # waits for a free connection (up to connect_timeout_s) — but in a cluster redis-py cannot wait and fails it,
     # so there keep it above the requests one worker has in flight.
-    max_connections: int = 512
+    max_connections: Count = 512
     # Connecting may be slower than a command (TLS handshake); None = the store's socket_timeout_s.
-    connect_timeout_s: float | None = None
+    connect_timeout_s: Seconds | None = None
     # Retries of a command after a connection error or timeout, with jittered exponential backoff.
-    retries: int = 1
-    retry_backoff_s: float = 0.05
-    health_check_interval_s: int = 30
+    retries: Zeroable = 1
+    retry_backoff_s: Delay = 0.05
+    health_check_interval_s: Zeroable = 30
     # rediss:// only: CA bundle to trust, client certificate for mutual TLS, and whether to verify the server.
-    tls_ca_file: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    tls_verify: bool = True
+    tls_ca_file: Str | None = None
+    tls_cert_file: Str | None = None
+    tls_key_file: Str | None = None
+    tls_verify: Bool = True
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Cache:
-    url: str = "memory://"
-    ttl_s: int = 30 * 24 * 3600
+    url: Str = "memory://"
+    ttl_s: Count = 30 * 24 * 3600
     scope: Literal["global", "team"] = "global"
     # Bound of the in-memory store (memory:// only), in bytes of stored entries.
-    max_bytes: int = 512 * 1024 * 1024
+    max_bytes: Count = 512 * 1024 * 1024
     # Seconds the cache is bypassed after a store error, so an outage costs one timeout, not one per request.
-    error_backoff_s: float = 1.0
-    socket_timeout_s: float = 0.5
+    error_backoff_s: Delay = 1.0
+    socket_timeout_s: Seconds = 0.5
     redis: RedisOptions = field(default_factory=RedisOptions)
     # In-process LRU of hot entries (decoded, with their renderings) in front of a Redis cache; 0 = off.
-    hot_max_bytes: int = 64 * 1024 * 1024
+    hot_max_bytes: Zeroable = 64 * 1024 * 1024
     # In-process LRU of request bodies answered whole from the hot tier → their keys, so an exact repeat skips
     # decoding, validation and hashing; 0 = off (it is off with the hot tier).
-    hot_requests_max_bytes: int = 16 * 1024 * 1024
+    hot_requests_max_bytes: Zeroable = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class State:
-    url: str = "memory://"
-    socket_timeout_s: float = 1.0
+    url: Str = "memory://"
+    socket_timeout_s: Seconds = 1.0
     redis: RedisOptions = field(default_factory=RedisOptions)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Limits:
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_inputs_per_request: int = 2048
-    request_timeout_s: float = 60.0
+    """What one client connection and one request may take of this process."""
+
+    max_body_bytes: Count = 16 * 1024 * 1024
+    max_inputs_per_request: Count = 2048
+    request_timeout_s: Seconds = 60.0
+    # A connection that has not sent a request's whole head this long after it opened (or after its last answer) is
+    # closed: slow-header clients cannot hold sockets.
+    header_timeout_s: Seconds = 10.0
+    # An idle keep-alive connection is closed after this long.
+    keepalive_timeout_s: Seconds = 75.0
+    # Client connections this process holds open at once; more wait in the listen backlog.
+    max_connections: Count = 1024
+    # Deepest nesting of arrays and objects a JSON body may have; deeper bodies get 400.
+    max_json_depth: Count = 64
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Coalesce:
-    max_batch_inputs: int = 256
-    max_batch_tokens: int = 131_072
-    max_wait_ms: float = 50.0
+    max_batch_inputs: Count = 256
+    max_batch_tokens: Count = 131_072
+    max_wait_ms: Delay = 50.0
     # Inputs arriving less than this apart while the group has a call in flight are a burst: they batch until
     # the burst pauses this long (or max_wait_ms); an input arriving alone takes a free call slot at once.
-    quiet_ms: float = 2.0
-    max_queue_inputs: int = 100_000
+    quiet_ms: Delay = 2.0
+    max_queue_inputs: Count = 100_000
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Quota:
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    tokens_per_day: int | None = None
-    tokens_per_month: int | None = None
+    requests_per_minute: Count | None = None
+    tokens_per_minute: Count | None = None
+    tokens_per_day: Count | None = None
+    tokens_per_month: Count | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Team:
-    name: str
-    keys: tuple[str, ...] = ()
+    name: Str
+    keys: tuple[KeyHash, ...] = ()
     quota: Quota = field(default_factory=Quota)
-    models: tuple[str, ...] | None = None
-    max_inputs_per_request: int | None = None
-    weight: float = 1.0
+    # The models this team may use (others: 403); None = every model.
+    models: Annotated[tuple[Str, ...], Field(min_length=1)] | None = None
+    max_inputs_per_request: Count | None = None
+    # Its share of the upstream when work queues.
+    weight: Annotated[float, Strict(), Field(gt=0)] = 1.0
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class QuotaSettings:
-    cached_token_weight: float = 0.0
+    cached_token_weight: Delay = 0.0
     on_store_error: Literal["open", "closed"] = "open"
     # Seconds the state store is not asked again after an error (the local limiter or 503 answers meanwhile).
-    error_backoff_s: float = 1.0
+    error_backoff_s: Delay = 1.0
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Metrics:
-    token: str | None = None
+    token: Str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Usage:
     """Durable usage counters (per team, model and UTC day) in the state store."""
 
     # Requests are tallied in process and written to the state store in one round trip per interval.
-    flush_interval_s: float = 1.0
+    flush_interval_s: Seconds = 1.0
     # Day hashes expire this long after their last write.
-    retention_days: int = 400
+    retention_days: Count = 400
     # Longest date range one `GET /v1/usage` may ask for.
-    max_query_days: int = 366
+    max_query_days: Count = 366
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Batch:
     """Batch jobs (files + jobs in the state store) and this process's worker that runs them."""
 
-    max_file_bytes: int = 100 * 1024 * 1024
-    max_lines_per_file: int = 50_000
+    max_file_bytes: Count = 100 * 1024 * 1024
+    max_lines_per_file: Count = 50_000
     # Jobs of one team that are queued or running at once; more get 429.
-    max_active_jobs_per_team: int = 4
+    max_active_jobs_per_team: Count = 4
     # Jobs this process runs at once (0: this replica accepts jobs but leaves running them to others).
-    workers: int = 2
+    workers: Zeroable = 2
     # A running job's claim expires this long after its holder stops renewing it (crash → takeover).
-    lease_s: float = 30.0
+    lease_s: Seconds = 30.0
     # How often a running job renews its lease and looks for a cancel.
-    heartbeat_s: float = 1.0
+    heartbeat_s: Seconds = 1.0
     # How often an idle worker looks for jobs another replica accepted.
-    poll_s: float = 1.0
+    poll_s: Seconds = 1.0
     # Lines per checkpoint: a crash re-runs at most this many lines (from the cache, so free).
-    chunk_lines: int = 256
+    chunk_lines: Count = 256
     # Chunks of one job in flight at once (committed in order) while no interactive request comes in: 2 doubles
     # an idle job's lines/s over a 20 ms upstream (`python -m bench --only 7`); raise it for a slower upstream.
     # While interactive requests come in, the job's steps take turns instead (`yield_*` below).
-    chunks_in_flight: int = 2
+    chunks_in_flight: Count = 2
     # Inputs merged into one call of the embedding service.
-    max_inputs_per_call: int = 2048
+    max_inputs_per_call: Count = 2048
     # While interactive requests are being served (one came in within `yield_quiet_s`), a job yields: its lines
     # go in steps of `yield_step_lines` (short stretches of event-loop work, small upstream calls), and it pauses
     # after each step so its CPU stays under `yield_cpu_share` of the event loop. Idle, it runs at full speed.
-    yield_quiet_s: float = 1.0
-    yield_step_lines: int = 32
-    yield_cpu_share: float = 0.25
+    yield_quiet_s: Delay = 1.0
+    yield_step_lines: Count = 32
+    yield_cpu_share: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.25
     # Deadline of one such call: batch work queues behind interactive work, so it is generous.
-    call_timeout_s: float = 300.0
+    call_timeout_s: Seconds = 300.0
     # Attempts at lines whose upstream calls keep failing (5xx, timeouts) before they go to the errors stream.
-    max_attempts: int = 5
+    max_attempts: Count = 5
     # Files, finished jobs, their output and errors are deleted this long after they were written or finished.
-    retention_s: int = 24 * 3600
+    retention_s: Count = 24 * 3600
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Config:
     listen: Listen = field(default_factory=Listen)
     upstream: Upstream = field(default_factory=Upstream)
-    # Several upstreams (replaces `upstream:`); a request's model picks those that serve it.
+    # Several upstreams (instead of `upstream:`); a request's model picks those that serve it.
     upstreams: tuple[Upstream, ...] = ()
     cache: Cache = field(default_factory=Cache)
     state: State = field(default_factory=State)
@@ -279,11 +327,11 @@ class Config:
     usage: Usage = field(default_factory=Usage)
     batch: Batch = field(default_factory=Batch)
     teams: tuple[Team, ...] = ()
-    admin_keys: tuple[str, ...] = ()
+    admin_keys: tuple[KeyHash, ...] = ()
     # USD per 1M tokens, per model, for the cost metrics and the usage API.
-    prices: dict[str, float] = field(default_factory=dict)
-    shutdown_timeout_s: float = 30.0
-    log_level: str = "INFO"
+    prices: dict[Str, Delay] = field(default_factory=dict)
+    shutdown_timeout_s: Delay = 30.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     @property
     def routes(self) -> tuple[Upstream, ...]:
@@ -314,7 +362,8 @@ def _lookup(m: re.Match[str], *, env: Mapping[str, str], line: int) -> str:
         return env[name]
     if default is not None:
         return default
-    raise ConfigError(f"line {line}: environment variable {name} is not set (or write ${{{name}:-default}})")
+    raise ConfigError(f"line {line}: environment variable {name} is not set: set {name} in the environment, "
+                      f"or write ${{{name}:-default}} in the file")
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -328,7 +377,10 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}") from exc
-    return from_data({} if data is None else data)
+    if data is None:
+        raise ConfigError("<root>: the file is empty; start from config/demo.yaml (embedded demo) or "
+                          "config/gateway.yaml (production example)")
+    return from_data(data)
 
 
 def from_data(data: Any) -> Config:
@@ -338,36 +390,46 @@ def from_data(data: Any) -> Config:
     return config
 
 
+@functools.cache
+def _adapter(tp: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(tp)
+
+
+def build(tp: Any, value: Any, path: str) -> Any:
+    """Validates plain YAML data as type `tp` (ranges and types, not cross-key rules); errors name the key path."""
+    try:
+        return _adapter(tp).validate_python(value)
+    except ValidationError as exc:
+        prefix = tuple(path.split(".")) if path else ()
+        raise ConfigError("\n".join(_describe(e, tp, prefix) for e in exc.errors())) from None
+
+
 def _check(config: Config) -> None:
+    """The rules that span several keys."""
     names = [t.name for t in config.teams]
     for i, name in enumerate(names):
         if names.index(name) != i:
             raise ConfigError(f"teams.{i}.name: duplicate team name {name!r}")
     seen: dict[str, str] = {}
     for i, team in enumerate(config.teams):
-        if not team.weight > 0:
-            raise ConfigError(f"teams.{i}.weight: must be > 0 (its share of the upstream when work queues)")
         for j, key in enumerate(team.keys):
-            where = f"teams.{i}.keys.{j}"
-            _check_key_hash(key, where)
             if key in seen:
-                raise ConfigError(f"{where}: key already belongs to team {seen[key]!r}")
+                raise ConfigError(f"teams.{i}.keys.{j}: key already belongs to team {seen[key]!r}")
             seen[key] = team.name
-    for j, key in enumerate(config.admin_keys):
-        _check_key_hash(key, f"admin_keys.{j}")
-    _check_usage(config.usage)
     _check_upstreams(config)
     for where, url in (("cache.url", config.cache.url), ("state.url", config.state.url)):
         _check_store_url(url, where)
-    _check_limits(config)
-    _check_batch(config.batch)
+    if config.batch.lease_s < 2 * config.batch.heartbeat_s:
+        raise ConfigError("batch.lease_s: must be at least twice batch.heartbeat_s, or a live worker loses its jobs")
 
 
 def _check_upstreams(config: Config) -> None:
     if config.upstreams and config.upstream != Upstream():
         raise ConfigError("upstream: give either `upstream:` or `upstreams:`, not both")
+    paths = ([(f"upstreams.{i}", up) for i, up in enumerate(config.upstreams)] if config.upstreams
+             else [("upstream", config.upstream)])
     names: set[str] = set()
-    for where, up in _upstream_paths(config):
+    for where, up in paths:
         if up.name in names or not re.fullmatch(r"[A-Za-z0-9_.-]+", up.name):
             raise ConfigError(f"{where}.name: must be unique and of letters, digits, '_', '.', '-'; got {up.name!r}")
         names.add(up.name)
@@ -375,31 +437,14 @@ def _check_upstreams(config: Config) -> None:
             raise ConfigError(f"{where}.url: must be http://, https:// or sim://")
         if up.keys and up.api_key:
             raise ConfigError(f"{where}.keys: give either `api_key` or `keys`, not both")
-        if up.models is not None and not all(isinstance(v, str) and v for v in up.models.values()):
-            raise ConfigError(f"{where}.models: each model maps to the name this upstream knows it by")
-        for name, number in (("weight", up.weight), ("eject_s", up.eject_s), ("breaker_open_s", up.breaker_open_s),
-                             ("timeout_s", up.timeout_s)):
-            if not number > 0:
-                raise ConfigError(f"{where}.{name}: must be > 0, got {number}")
-        for name, count in (("breaker_failures", up.breaker_failures), ("default_max_inputs_per_call",
-                            up.default_max_inputs_per_call), *((f"max_inputs_per_call.{m}", n)
-                            for m, n in up.max_inputs_per_call.items())):
-            if count < 1:
-                raise ConfigError(f"{where}.{name}: must be at least 1, got {count}")
         if up.tls.key_file is not None and up.tls.cert_file is None:
-            raise ConfigError(f"{where}.tls.key_file: needs tls.cert_file")
-
-
-def _upstream_paths(config: Config) -> list[tuple[str, Upstream]]:
-    if config.upstreams:
-        return [(f"upstreams.{i}", up) for i, up in enumerate(config.upstreams)]
-    return [("upstream", config.upstream)]
+            raise ConfigError(f"{where}.tls.key_file: needs {where}.tls.cert_file (the certificate it belongs to)")
 
 
 def _check_store_url(url: str, where: str) -> None:
     if url.startswith("memory://"):
         return
-    from .store.redis import parse_url  # the store owns its URL grammar
+    from .store.redis import parse_url  # the store owns its URL grammar; it imports nothing from here
 
     try:
         parse_url(url)
@@ -407,118 +452,65 @@ def _check_store_url(url: str, where: str) -> None:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _check_usage(usage: Usage) -> None:
-    if usage.flush_interval_s <= 0:
-        raise ConfigError("usage.flush_interval_s: must be > 0")
-    if usage.retention_days < 1:
-        raise ConfigError("usage.retention_days: must be >= 1")
-    if usage.max_query_days < 1:
-        raise ConfigError("usage.max_query_days: must be >= 1")
+_TYPE_NAMES = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool",
+               "int_from_float": "int"}
 
 
-def _check_limits(config: Config) -> None:
-    positive = [(f"teams.{i}.quota.{f.name}", getattr(team.quota, f.name))
-                for i, team in enumerate(config.teams) for f in dataclasses.fields(Quota)]
-    positive += [(f"teams.{i}.max_inputs_per_request", t.max_inputs_per_request) for i, t in enumerate(config.teams)]
-    for where, up in _upstream_paths(config):
-        positive += [(f"{where}.limits.{name}", getattr(up.limits, name))
-                     for name in ("requests_per_minute", "tokens_per_minute", "max_concurrency")]
-    for where, value in positive:
-        if value is not None and value < 1:
-            raise ConfigError(f"{where}: must be at least 1, got {value}")
-    for where, number in [("quota.cached_token_weight", config.quota.cached_token_weight),
-                          ("coalesce.max_wait_ms", config.coalesce.max_wait_ms),
-                          ("coalesce.quiet_ms", config.coalesce.quiet_ms),
-                          ("quota.error_backoff_s", config.quota.error_backoff_s),
-                          *((f"{where}.limits.margin_s", up.limits.margin_s) for where, up in _upstream_paths(config)),
-                          ("cache.hot_max_bytes", config.cache.hot_max_bytes),
-                          ("cache.hot_requests_max_bytes", config.cache.hot_requests_max_bytes)]:
-        if number < 0:
-            raise ConfigError(f"{where}: must not be negative, got {number}")
+def _describe(error: ErrorDetails, root: Any, prefix: tuple[str, ...]) -> str:
+    """One pydantic error as `key.path: what is wrong`, in the words users of this file know."""
+    loc = error["loc"]
+    where = ".".join(map(str, prefix + loc)) or "<root>"
+    kind, ctx, value = error["type"], error.get("ctx", {}), error["input"]
+    got = f"got {type(value).__name__} {value!r}" if kind in _TYPE_NAMES else f"got {value!r}"
+    if kind in _TYPE_NAMES:
+        return f"{where}: expected {_TYPE_NAMES[kind]}, {got}"
+    if kind in ("dataclass_type", "dict_type", "model_type"):
+        return f"{where}: expected a mapping, got {type(value).__name__}"
+    if kind in ("tuple_type", "list_type"):
+        return f"{where}: expected a list, got {type(value).__name__}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    if kind == "unexpected_keyword_argument":
+        known = _fields_at(root, loc[:-1])
+        return f"{where}: unknown key (known: {', '.join(known)})"
+    if kind == "literal_error":
+        return f"{where}: expected one of {list(typing.get_args(_type_at(root, loc)))}, {got}"
+    if kind == "value_error":
+        return f"{where}: {ctx['error']}"
+    return f"{where}: {_range(kind, ctx) or error['msg']}, {got}"
 
 
-def _check_batch(batch: Batch) -> None:
-    for name in ("max_file_bytes", "max_lines_per_file", "max_active_jobs_per_team", "chunk_lines",
-                 "chunks_in_flight", "max_inputs_per_call", "max_attempts", "retention_s", "yield_step_lines"):
-        if getattr(batch, name) < 1:
-            raise ConfigError(f"batch.{name}: must be at least 1")
-    if batch.workers < 0:
-        raise ConfigError("batch.workers: must be 0 or more")
-    for name in ("heartbeat_s", "poll_s", "call_timeout_s"):
-        if getattr(batch, name) <= 0:
-            raise ConfigError(f"batch.{name}: must be positive")
-    if batch.yield_quiet_s < 0:
-        raise ConfigError("batch.yield_quiet_s: must not be negative")
-    if not 0 < batch.yield_cpu_share <= 1:
-        raise ConfigError("batch.yield_cpu_share: must be above 0 and at most 1")
-    if batch.lease_s < 2 * batch.heartbeat_s:
-        raise ConfigError("batch.lease_s: must be at least twice batch.heartbeat_s, or a live worker loses its jobs")
+def _range(kind: str, ctx: dict[str, Any]) -> str | None:
+    if kind == "greater_than_equal":
+        return "must not be negative" if ctx["ge"] == 0 else f"must be at least {ctx['ge']:g}"
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']:g}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx['le']:g}"
+    if kind == "too_short":
+        return f"must have at least {ctx['min_length']} item"
+    return None
 
 
-def _check_key_hash(key: str, where: str) -> None:
-    if not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
-        raise ConfigError(f"{where}: expected 'sha256:<64 hex digits>' (see `embedding-gateway keys new`)")
-
-
-def build(tp: Any, value: Any, path: str) -> Any:
-    """Builds a value of type `tp` from plain YAML data, naming `path` in every error."""
-    where = path or "<root>"
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return _build_dataclass(tp, value, path)
-    if tp is ModelMap:
-        # A list names models this upstream knows by their public names.
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            value = {v: v for v in value}
-        return build(dict[str, str], value, path)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
-        return value
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+def _type_at(tp: Any, loc: tuple[int | str, ...]) -> Any:
+    """The type the config expects at `loc` (Annotated and Optional unwrapped), or None past a known key."""
+    for part in loc:
+        tp = _unwrap(tp)
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            tp = typing.get_type_hints(tp).get(str(part))
+        elif typing.get_origin(tp) in (tuple, dict):
+            tp = typing.get_args(tp)[-1] if typing.get_origin(tp) is dict else typing.get_args(tp)[0]
+        else:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return build(inner, value, path)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        (inner, _) = typing.get_args(tp)
-        return tuple(build(inner, v, f"{path}.{i}") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        _, vt = typing.get_args(tp)
-        return {str(k): build(vt, v, f"{path}.{k}") for k, v in value.items()}
-    return _build_scalar(tp, value, where)
+    return _unwrap(tp)
 
 
-def _build_scalar(tp: Any, value: Any, where: str) -> Any:
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, bool):
-        raise ConfigError(f"{where}: expected int, got bool")
-    if not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
+def _fields_at(tp: Any, loc: tuple[int | str, ...]) -> list[str]:
+    section = _type_at(tp, loc)
+    return sorted(f.name for f in dataclasses.fields(section)) if dataclasses.is_dataclass(section) else []
 
 
-def _build_dataclass(tp: type, value: Any, path: str) -> Any:
-    where = path or "<root>"
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-    hints = typing.get_type_hints(tp)
-    fields = {f.name: f for f in dataclasses.fields(tp)}
-    unknown = sorted(set(map(str, value)) - set(fields))
-    if unknown:
-        prefix = f"{path}." if path else ""
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, f in fields.items():
-        sub = f"{path}.{name}" if path else name
-        if name in value:
-            kwargs[name] = build(hints[name], value[name], sub)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{sub}: required key is missing")
-    return tp(**kwargs)
+def _unwrap(tp: Any) -> Any:
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp

@@ -1,8 +1,8 @@
-"""HTTP handlers: thin adapters between aiohttp and the parts (service, stores, metrics)."""
+"""HTTP handlers of the embeddings API and the operational routes (health, metrics, usage, OpenAPI): thin
+adapters between aiohttp and the parts (service, stores, metrics)."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hmac
 import os
@@ -16,63 +16,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from . import appkeys as K
 from . import config as cfg
 from . import openapi as openapi_doc
-from .answer import JsonAnswer, header_lines
+from . import render
 from .auth import Principal
-from .errors import Forbidden, GatewayError, PayloadTooLarge, RequestTimeout, StateUnavailable
-from .memo import Replay
+from .errors import Forbidden, GatewayError, StateUnavailable
+from .incoming import principal_of, read_body
 from .protocol import parse_embedding_request, parse_json_object
 from .quota import Reservation
+from .service import Outcome
 from .usage import build_report, parse_query
 
 
-def principal_of(request: web.Request) -> Principal:
-    principal: Principal = request[K.PRINCIPAL]
-    return principal
-
-
-def body_now(request: web.Request, limits: cfg.Limits) -> bytes | None:
-    """The body when it came whole with the headers (the usual case: no await), else None; over the limit,
-    413 before it is buffered whole."""
-    limit = limits.max_body_bytes
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes exceeds the {limit}-byte limit")
-    content = request.content
-    if not content.is_eof():
-        return None
-    # Take the buffer as it is (no timer, and none of read()'s chunk loop), checking the size read() would.
-    body = content.read_nowait()
-    if len(body) > limit:
-        raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
-    return body
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The body, refused before it is buffered whole when it is over the limit.
-
-    Reading is bounded by the request deadline: aiohttp has no body read timeout of its own, so a client
-    trickling its body in would otherwise hold a handler (and its buffer) for as long as it likes.
-    """
-    limits = request.app[K.LIVE].config.limits
-    body = body_now(request, limits)
-    return body if body is not None else await _read_rest(request, limits)
-
-
-async def _read_rest(request: web.Request, limits: cfg.Limits) -> bytes:
-    """The body `body_now` did not have whole, read within the request deadline."""
-    limit = limits.max_body_bytes
-    try:
-        async with asyncio.timeout(limits.request_timeout_s):
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit") from None
-    except TimeoutError:
-        raise RequestTimeout(f"request body not received within {limits.request_timeout_s:g}s") from None
-
-
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    # This runs for every request: one coroutine for an exact repeat (the common case), the parts looked up
-    # once and passed on.
+async def embeddings(request: web.Request) -> web.Response:
+    """`POST /v1/embeddings`: authenticate → parse → embed → render → account, the same steps for every request."""
     team = principal_of(request).team
     if team is None:
         raise Forbidden("admin keys cannot embed; use a team key")
@@ -80,23 +35,24 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     config = app[K.LIVE].config
     started = time.monotonic()  # the request's deadline counts from here, the body's reading included
     try:
-        raw = body_now(request, config.limits)
-        if raw is None:
-            raw = await _read_rest(request, config.limits)
-        max_inputs = config.limits.max_inputs_per_request
-        if team.max_inputs_per_request is not None:
-            max_inputs = min(max_inputs, team.max_inputs_per_request)
-        service = app[K.SERVICE]
-        scope = team.name if service.scope == "team" else ""
-        replay = app[K.REPEATS].get(scope, raw)
-        # A repeat this team may ask as it is (else the full path answers, with its error), still hot.
-        if replay is not None and replay.inputs <= max_inputs and (team.models is None or replay.model in team.models):
-            payload = app[K.CACHE].hot_answer(replay.serial, replay.model, replay.tokens, replay.keys, replay.output)
-            if payload is not None:
-                service.interactive_at = started
-                reservation = await service.admit_cached(team, replay.cached_tokens) if service.admits(team) else None
-                return _replayed(request, app, config, team, replay, payload, reservation)
-        return await _embed(request, app, config, team, raw, max_inputs, scope, started)
+        req = parse_embedding_request(parse_json_object(await read_body(request)), max_inputs=_max_inputs(config, team))
+        fields = request[K.LOG_FIELDS]  # logged even when the request fails below: who asked for what
+        fields["model"] = req.model
+        fields["inputs"] = len(req.items)
+        if team.models is not None and req.model not in team.models:
+            raise Forbidden(f"team {team.name!r} may not use model {req.model!r}", code="MODEL_NOT_ALLOWED")
+        app[K.ROUTER].check_model(req.model, team.models)
+        outcome = await app[K.SERVICE].embed(team, req, deadline=started + config.limits.request_timeout_s)
+        if outcome.unit is not None:
+            fragments = [render.fragment(vec, req.output) for vec in outcome.unit]
+        else:
+            fragments = app[K.CACHE].renderings(outcome.held, req.output, render.fragment)
+        body = render.embeddings_body(req.model, outcome.tokens, fragments)
+        _account(app, config, fields, team.name, req.model, len(req.items), outcome)
+        headers = _cache_headers(outcome.hits, outcome.misses, outcome.joined, outcome.upstream_tokens)
+        if isinstance(outcome.reservation, Reservation):
+            headers = {**headers, **outcome.reservation.headers}
+        return web.Response(body=body, headers=headers)
     except GatewayError as exc:
         # Every answer to a team with a quota tells it where it stands; a 429 already carries it.
         if "RateLimit" not in exc.headers:
@@ -104,71 +60,31 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         raise
 
 
-async def _embed(
-    request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, raw: bytes, max_inputs: int,
-    scope: str, started: float,
-) -> JsonAnswer:
-    """The full path: decode, validate, look up each input, fetch the misses."""
-    req = parse_embedding_request(parse_json_object(raw), max_inputs=max_inputs)
-    model, inputs = req.model, len(req.items)
-    # Logged even when the request fails below (429, 5xx): who asked for what is the useful part then.
-    fields = request[K.LOG_FIELDS]
-    fields["model"] = model
-    fields["inputs"] = inputs
-    if team.models is not None and model not in team.models:
-        raise Forbidden(f"team {team.name!r} may not use model {model!r}", code="MODEL_NOT_ALLOWED")
-    app[K.ROUTER].check_model(model, team.models)
-    outcome = await app[K.SERVICE].embed(team, req, deadline=started + config.limits.request_timeout_s)
-    payload = app[K.CACHE].answer(model, outcome.tokens, outcome.keys, outcome.vectors, outcome.item_tokens,
-                                  req.output)
-    hits, misses, joined = outcome.hits, outcome.misses, outcome.joined
-    _account(app, config, fields, team.name, model, inputs, hits, misses, joined, outcome.upstream_tokens,
-             outcome.cached_tokens)
-    response = JsonAnswer(payload, _cache_headers(hits, misses, joined, outcome.upstream_tokens))
-    memo = app[K.REPEATS]
-    # Served whole from the cache (a unit has no keys): kept for a repeat, when the memo would keep it.
-    if not misses and not joined and outcome.keys and memo.keeps(raw):
-        memo.put(scope, raw, Replay(model, inputs, hits, outcome.duplicates, outcome.tokens, outcome.cached_tokens,
-                                    app[K.CACHE].canonical(outcome.keys), req.output))
-    if isinstance(outcome.reservation, Reservation):
-        response.headers.update(outcome.reservation.headers)
-    return response
-
-
-def _replayed(
-    request: web.Request, app: web.Application, config: cfg.Config, team: cfg.Team, replay: Replay,
-    payload: tuple[list[bytes], int], reservation: object,
-) -> JsonAnswer:
-    """An exact repeat of an all-hit request, admitted: the answer, with this request's accounting."""
-    # `_account` of an all-hit answer: only the figures a repeat can have (no misses, no upstream tokens).
-    model, cached = replay.model, replay.cached_tokens
-    saved = cached * config.prices.get(model, 0.0) / 1e6
-    app[K.METRICS].count_hits(team.name, model, replay.hits, cached, saved)
-    app[K.USAGE].count_hits(team.name, model, replay.inputs, replay.hits, cached, saved)
-    request[K.LOG_FIELDS].update(replay.log_fields)
-    response = JsonAnswer(payload[0], _cache_headers(replay.hits, 0, 0, 0), payload[1])
-    if isinstance(reservation, Reservation):
-        response.headers.update(reservation.headers)
-    return response
+def _max_inputs(config: cfg.Config, team: cfg.Team) -> int:
+    limit = config.limits.max_inputs_per_request
+    return limit if team.max_inputs_per_request is None else min(limit, team.max_inputs_per_request)
 
 
 @functools.lru_cache(maxsize=4096)
-def _cache_headers(hits: int, misses: int, joined: int, upstream_tokens: int) -> str:
-    """The answer's cache headers, rendered once per combination of counts (all-hit answers share a few)."""
-    return header_lines({
+def _cache_headers(hits: int, misses: int, joined: int, upstream_tokens: int) -> dict[str, str]:
+    """An answer's cache headers, made once per combination of counts (read, never changed)."""
+    return {
+        "Content-Type": "application/json",
         "X-Cache-Hits": str(hits),
         "X-Cache-Misses": str(misses),
         "X-Cache-Joined": str(joined),
         "X-Upstream-Tokens": str(upstream_tokens),
-    })
+    }
 
 
 def _account(
     app: web.Application, config: cfg.Config, fields: dict[str, object], team: str, model: str, inputs: int,
-    hits: int, misses: int, joined: int, upstream: int, cached: int,
+    outcome: Outcome,
 ) -> None:
     """Metrics, durable usage and the access log's counts of one answered request (no I/O here)."""
     price = config.prices.get(model, 0.0)
+    hits, misses, joined = outcome.hits, outcome.misses, outcome.joined
+    upstream, cached = outcome.upstream_tokens, outcome.cached_tokens
     cost, saved = upstream * price / 1e6, cached * price / 1e6
     app[K.METRICS].count_embed(team, model, (hits, misses, joined, upstream, cached, cost, saved))
     app[K.USAGE].count(team, model, inputs, hits, misses, joined, upstream, cached, cost, saved)
@@ -189,7 +105,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks = {"cache": await _ping(request.app[K.CACHE_STORE])}
+    store = request.app[K.CACHE_STORE]
+    checks = {"cache": True if store is None else await _ping(store)}
     ready = all(checks.values())
     # Breaker states are reported, not checked: an open breaker sends calls elsewhere, the replica still serves.
     body = {"status": "ready" if ready else "unavailable", "checks": checks,

@@ -23,6 +23,9 @@ LIVE_SECTIONS = frozenset(
     {"teams", "admin_keys", "prices", "coalesce", "quota", "metrics", "limits", "log_level"}
 )
 
+# Limits fixed when the server starts: aiohttp's client_max_size, and the listener's connection handling.
+BOUND_LIMITS = ("max_body_bytes", "header_timeout_s", "keepalive_timeout_s", "max_connections")
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -86,8 +89,9 @@ def keep_restart_only(old: cfg.Config, new: cfg.Config) -> tuple[cfg.Config, lis
         if f.name not in LIVE_SECTIONS and getattr(old, f.name) != getattr(new, f.name):
             keep[f.name] = getattr(old, f.name)
             pending.append(f.name)
-    if old.limits.max_body_bytes != new.limits.max_body_bytes:
-        # aiohttp's client_max_size is fixed when the app is built.
-        keep["limits"] = dataclasses.replace(new.limits, max_body_bytes=old.limits.max_body_bytes)
-        pending.append("limits.max_body_bytes")
+    bound = {name: getattr(old.limits, name) for name in BOUND_LIMITS
+             if getattr(old.limits, name) != getattr(new.limits, name)}
+    if bound:
+        keep["limits"] = dataclasses.replace(new.limits, **bound)
+        pending += [f"limits.{name}" for name in bound]
     return dataclasses.replace(new, **keep), pending  # type: ignore[arg-type]

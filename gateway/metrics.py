@@ -14,8 +14,7 @@ A hook sets plain Gauges, usually with `replace` so a label set that disappeared
 The per-request series (requests, latency, inputs, tokens, cost, in flight) are not touched per request: a
 request adds its figures to plain dicts (`count_request`, `count_embed`), and `publish()` moves the sums into
 the Prometheus series before each scrape and once a second (so other workers' files are at most a second
-behind). prometheus-client takes a lock per increment and walks the buckets in Python per observation: at a
-dozen series per request that was ~15 µs of a hit's time.
+behind): prometheus-client takes a lock per increment, which the request path need not wait for.
 
 Only plain Counter / Histogram / Gauge objects live here, so prometheus-client's multiprocess mode can aggregate
 them across `serve --workers` processes (each Gauge says how: `multiprocess_mode`): every worker writes its series
@@ -28,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TypeVar
 
@@ -62,7 +60,7 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
         # Pending per-request figures, published by `publish()` (see the module docstring).
         self._requests: dict[tuple[str, int, str], int] = {}
-        self._latency: dict[str, list[float]] = {}  # route → count per bucket (+Inf last), then the sum
+        self._latency: dict[str, list[float]] = {}  # route → seconds of each request since the last publish
         self._embeds: dict[tuple[str, str], list[float]] = {}  # (team, model) → _EMBED_FIGURES
         self._add_request_series()
         self._add_upstream_series()
@@ -82,11 +80,11 @@ class Metrics:
     def count_request(self, route: str, status: int, team: str, seconds: float) -> None:
         key = (route, status, team)
         self._requests[key] = self._requests.get(key, 0) + 1
-        buckets = self._latency.get(route)
-        if buckets is None:
-            buckets = self._latency[route] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
-        buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1  # `le` buckets: a value on a bound is in it
-        buckets[-1] += seconds
+        latencies = self._latency.get(route)
+        if latencies is None:
+            self._latency[route] = [seconds]
+        else:
+            latencies.append(seconds)
 
     def count_embed(self, team: str, model: str, figures: tuple[float, ...]) -> None:
         """`figures` in the order of `_EMBED_FIGURES`."""
@@ -103,16 +101,6 @@ class Metrics:
         sums[5] += cost
         sums[6] += saved
 
-    def count_hits(self, team: str, model: str, hits: int, cached: int, saved: float) -> None:
-        """`count_embed` of an answer served whole from the cache: its other figures are all 0."""
-        sums = self._embeds.get((team, model))
-        if sums is None:
-            self._embeds[(team, model)] = [hits, 0, 0, 0, cached, 0.0, saved]
-            return
-        sums[0] += hits
-        sums[4] += cached
-        sums[6] += saved
-
     def publish(self) -> None:
         """Moves the pending per-request figures into the Prometheus series (synchronous: nothing is counted
         twice or lost between the swap and the increments)."""
@@ -122,8 +110,10 @@ class Metrics:
         embeds, self._embeds = self._embeds, {}
         for (route, status, team), n in requests.items():
             self.child(self.requests, route, str(status), team).inc(n)
-        for route, buckets in latency.items():
-            _add_observations(self.child(self.request_seconds, route), buckets)
+        for route, latencies in latency.items():
+            histogram = self.child(self.request_seconds, route)
+            for seconds in latencies:
+                histogram.observe(seconds)
         for (team, model), sums in embeds.items():
             for (series, label), value in zip(self._embed_series, sums, strict=True):
                 if value:
@@ -344,19 +334,6 @@ def process_figures(pid: int | str = "self") -> tuple[int | None, dict[str, int]
             continue  # closed while we looked
         fds[kind] += 1
     return rss, fds
-
-
-def _add_observations(histogram: Histogram, buckets: list[float]) -> None:
-    """Adds counted observations to a histogram child: counts per bucket (+Inf last), then their sum.
-
-    prometheus-client has no public call for this; `_buckets` (one value per upper bound, +Inf included,
-    not cumulative) and `_sum` are what its own `observe` increments. tests/test_metrics.py checks that the
-    exposition is the same as `observe` per value would give, so a library change cannot go unnoticed.
-    """
-    for i, n in enumerate(buckets[:-1]):
-        if n:
-            histogram._buckets[i].inc(n)
-    histogram._sum.inc(buckets[-1])
 
 
 def replace(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:

@@ -13,7 +13,6 @@ import orjson
 from aiohttp import web
 
 from . import appkeys as K
-from .answer import JsonAnswer
 from .errors import GatewayError
 from .logbuffer import write_access
 
@@ -106,10 +105,7 @@ def endpoint(handler: Handler, *, route: str, public: bool = False) -> Handler:
                 log.exception("unhandled error on %s %s", request.method, request.path)
                 response = json_error(500, "internal error", "INTERNAL_ERROR")
             status = response.status
-            if type(response) is JsonAnswer:
-                response.identify(request_id)
-            else:
-                response.headers["X-Request-Id"] = request_id
+            response.headers["X-Request-Id"] = request_id
             return response
         finally:
             if in_flight is not None:

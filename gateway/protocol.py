@@ -1,27 +1,17 @@
-"""The wire format: parsing and validating embedding requests (Jina and OpenAI field names), rendering
-responses exactly as the upstream renders them, and error bodies.
-
-One `orjson.loads` per request; each vector is rendered by orjson (or binascii) straight from its numpy
-array and the fragments are spliced into the response, so no Python code touches individual floats and no
-dict is built per vector.
-"""
+"""The wire format of requests: parsing and validating embedding requests (Jina and OpenAI field names, every
+alias) into one `EmbeddingRequest`, with one `orjson.loads` per request. Answers are rendered in render.py."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain, repeat
 from typing import Any, Literal
 
-import numpy as np
 import orjson
 
 from .errors import BadRequest, ValidationFailed
+from .render import OUTPUT_FORMATS
 
 OutputFormat = Literal["float", "base64", "binary", "ubinary"]
-OUTPUT_FORMATS: tuple[str, ...] = ("float", "base64", "binary", "ubinary")
 
 # Fields that choose how the answer is rendered, not what is embedded: never part of a cache key.
 RENDER_FIELDS = frozenset({"input", "embedding_type", "encoding_format", "user"})
@@ -119,83 +109,3 @@ def canonical_item(item: Item) -> bytes:
     if isinstance(item, str):
         return b"s" + item.encode("utf-8", "surrogatepass")
     return b"o" + orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
-
-
-# ---- rendering -------------------------------------------------------------------------------------------
-
-
-def render_vector(vec: np.ndarray, output: str) -> Any:
-    """One vector (or a multivector's rows) in the client's format, as the upstream renders it."""
-    if vec.ndim == 2:
-        if output == "float":
-            return vec.astype(np.float64)
-        return [render_vector(row, output) for row in vec]
-    if output == "float":
-        # float64 of each float32 value: the number text is the shortest repr that reads back exactly.
-        return vec.astype(np.float64)
-    if output == "base64":
-        return base64.b64encode(vec.astype("<f4", copy=False).tobytes()).decode("ascii")
-    bits = np.packbits(vec > 0)
-    if output == "ubinary":
-        return bits
-    return (bits.astype(np.int16) - 128).astype(np.int8)
-
-
-def render_fragment(vec: np.ndarray, output: str) -> bytes:
-    """The JSON of one `embedding` value, byte for byte as orjson renders `render_vector(vec, output)`."""
-    if output == "base64" and vec.ndim == 1:
-        # base64 text never needs JSON escaping: quote it without building a str.
-        return b'"' + binascii.b2a_base64(vec.astype("<f4", copy=False).tobytes(), newline=False) + b'"'
-    return orjson.dumps(render_vector(vec, output), option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def render_body(model: str, tokens: int, fragments: Sequence[bytes]) -> bytes:
-    """Splices rendered `embedding` values into the upstream's response shape, byte for byte what orjson
-    emits for `{"model", "object", "usage", "data": [{"object", "index", "embedding"}]}`: no dict per vector,
-    and one copy of the (possibly large) fragments."""
-    return b"".join(render_parts(model, tokens, fragments))
-
-
-def render_parts(model: str, tokens: int, fragments: Sequence[bytes]) -> list[bytes]:
-    """`render_body`'s pieces, not joined: the fragments themselves (no copy) between the JSON around them."""
-    n = len(fragments)
-    # Each item is opener, fragment, "}": interleaved by zip/chain, so no Python loop runs per item.
-    items = chain.from_iterable(zip(_openers(n), fragments, repeat(b"}", n), strict=False))
-    return [_head(model, tokens), *items, END]
-
-
-def render_items(model: str, tokens: int, items: Sequence[bytes]) -> list[bytes]:
-    """`render_parts` of fragments that already end with the `}` closing their item (`render_solo`'s middle
-    piece): two pieces per item instead of three."""
-    return [_head(model, tokens), *chain.from_iterable(zip(_openers(len(items)), items, strict=False)), END]
-
-
-def render_solo(model: str, tokens: int, fragment: bytes) -> tuple[bytes, bytes, bytes]:
-    """The answer to one input in three pieces: all before its fragment, the fragment with the `}` that closes
-    its item (what `render_items` takes), and the end."""
-    return _head(model, tokens) + _OPENERS[0], fragment + b"}", END
-
-
-END = b"]}"
-
-
-def _head(model: str, tokens: int) -> bytes:
-    return b'{"model":%b,"object":"list","usage":{"total_tokens":%d,"prompt_tokens":%d},"data":[' % (
-        orjson.dumps(model), tokens, tokens)
-
-
-def _openers(n: int) -> Sequence[bytes]:
-    """At least `n` item openers, one per index (zip stops at the shorter sequence)."""
-    return _OPENERS if n <= len(_OPENERS) else [_opener(i) for i in range(n)]
-
-
-def _opener(i: int) -> bytes:
-    return b'%b{"object":"embedding","index":%d,"embedding":' % (b"," if i else b"", i)
-
-
-_OPENERS = [_opener(i) for i in range(4096)]  # one per index: cheaper than formatting one per item
-
-
-def render_embeddings(model: str, vectors: list[np.ndarray], tokens: int, output: str) -> bytes:
-    return render_body(model, tokens, [render_fragment(vec, output) for vec in vectors])
-

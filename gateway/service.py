@@ -13,7 +13,7 @@ import numpy as np
 import xxhash
 
 from . import config as cfg
-from .cache import EmbeddingCache, Entry, item_keys, key_prefix, unit_key
+from .cache import EmbeddingCache, Held, item_keys, key_prefix, unit_key
 from .coalescer import Coalescer, Miss, Priority
 from .protocol import EmbeddingRequest
 from .tokens import estimate
@@ -23,8 +23,7 @@ from .tokens import estimate
 class Outcome:
     """How one request was served; the numbers behind headers, usage, quota and metrics."""
 
-    vectors: list[np.ndarray]
-    tokens: int  # usage reported to the client: every input's tokens, hits included
+    tokens: int = 0  # usage reported to the client: every input's tokens, hits included
     hits: int = 0  # distinct inputs answered from the cache
     misses: int = 0  # distinct inputs this request sent upstream
     joined: int = 0  # distinct inputs answered by another caller's flight
@@ -32,8 +31,19 @@ class Outcome:
     upstream_tokens: int = 0  # tokens billed for this request's own misses
     cached_tokens: int = 0  # tokens this request did not pay for (hits and joined)
     reservation: object = None  # what admission returned (the quota headers ride on it)
-    keys: list[bytes] = field(default_factory=list)  # each vector's cache key (empty for a unit)
-    item_tokens: list[int] = field(default_factory=list)  # tokens of each input, in order (not for units)
+    held: list[Held] = field(default_factory=list)  # each input's entry, in request order (not for units)
+    unit: list[np.ndarray] | None = None  # a late-chunking / multivector unit's vectors
+
+    @property
+    def vectors(self) -> list[np.ndarray]:
+        if self.unit is not None:
+            return self.unit
+        # Item requests hold 1-D or 2-D arrays only (units are above).
+        return cast(list[np.ndarray], [h.entry.vectors for h in self.held])
+
+    @property
+    def item_tokens(self) -> list[int]:
+        return [h.entry.tokens for h in self.held]
 
 
 class Admission(Protocol):
@@ -80,25 +90,13 @@ class EmbeddingService:
             return await self._embed_unit(team, request, prefix, deadline)
         keys = item_keys(prefix, request.items)
         unique = list(dict.fromkeys(keys)) if len(keys) > 1 else keys  # first occurrences, in order
-        # The hot tier answers most requests whole: only a cold key costs an await (and a store round trip).
-        entries = self.cache.get_hot(unique)
-        if any(entry is None for entry in entries):
-            entries = await self.cache.get_cold(unique, entries, promote=priority == "interactive")
-        found: dict[bytes, Entry] = {}
-        misses: list[Miss] = []
-        if any(entry is None for entry in entries):
+        looked_up = await self.cache.get_many(unique, promote=priority == "interactive")
+        found = {key: held for key, held in zip(unique, looked_up, strict=True) if held is not None}
+        outcome = Outcome(hits=len(found), duplicates=len(keys) - len(unique))
+        if len(found) < len(unique):
             first = {key: i for i, key in reversed(list(enumerate(keys)))}  # each key's first index
-            for key, entry in zip(unique, entries, strict=True):
-                if entry is None:
-                    i = first[key]
-                    item = request.items[i]
-                    misses.append(Miss(key, item, estimate(item), i))
-                else:
-                    found[key] = entry
-        elif len(unique) != len(keys) or self.admits(team):  # all hits: the map is needed only for these two
-            found = dict(zip(unique, entries, strict=True))  # type: ignore[arg-type]  # no None here
-        outcome = Outcome(vectors=[], tokens=0, hits=len(unique) - len(misses), duplicates=len(keys) - len(unique))
-        if misses:
+            misses = [Miss(key, request.items[first[key]], estimate(request.items[first[key]]), first[key])
+                      for key in unique if key not in found]
             if self.admits(team):
                 outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found)
             try:
@@ -106,17 +104,10 @@ class EmbeddingService:
             finally:
                 await self._reconcile(outcome.reservation, outcome.upstream_tokens)
         elif self.admits(team):
-            outcome.reservation = await self.admit_cached(team, sum(e.tokens for e in found.values()))
-        # Without repeated inputs, `entries` is already in request order (the usual case: no lookups).
-        in_order = not misses and len(unique) == len(keys)
-        served = cast(list[Entry], entries) if in_order else [found[k] for k in keys]
-        # Item requests hold 1-D vectors only (units return above), hence the cast instead of a check per item.
-        outcome.vectors = cast(list[np.ndarray], [e.vectors for e in served])
-        outcome.keys = keys
-        outcome.item_tokens = [e.tokens for e in served]
-        outcome.tokens = sum(outcome.item_tokens)
-        unique_tokens = outcome.tokens if len(unique) == len(keys) else sum(found[k].tokens for k in unique)
-        outcome.cached_tokens = unique_tokens - outcome.upstream_tokens
+            outcome.reservation = await self.admit_cached(team, sum(h.entry.tokens for h in found.values()))
+        outcome.held = [found[k] for k in keys]
+        outcome.tokens = sum(h.entry.tokens for h in outcome.held)
+        outcome.cached_tokens = sum(h.entry.tokens for h in found.values()) - outcome.upstream_tokens
         return outcome
 
     async def _fetch(
@@ -125,7 +116,7 @@ class EmbeddingService:
         request: EmbeddingRequest,
         prefix: bytes,
         misses: list[Miss],
-        found: dict[bytes, Entry],
+        found: dict[bytes, Held],
         outcome: Outcome,
         deadline: float,
         priority: Priority,
@@ -137,7 +128,7 @@ class EmbeddingService:
             team=team.name, weight=team.weight, priority=priority,
         )
         for miss, entry, joined in zip(misses, result.entries, result.joined, strict=True):
-            found[miss.key] = entry
+            found[miss.key] = Held(miss.key, entry, 0.0)
             if joined:
                 outcome.joined += 1
             else:
@@ -160,24 +151,24 @@ class EmbeddingService:
         if reservation is not None and self.admission is not None:
             await self.admission.reconcile(reservation, actual_tokens=actual_tokens)
 
-    async def _reserve(self, team: cfg.Team, estimate_tokens: int, found: dict[bytes, Entry]) -> object:
+    async def _reserve(self, team: cfg.Team, estimate_tokens: int, found: dict[bytes, Held]) -> object:
         if self.admission is None:
             return None
-        cached = sum(e.tokens for e in found.values())
+        cached = sum(h.entry.tokens for h in found.values())
         return await self.admission.reserve(team, estimate_tokens=estimate_tokens, cached_tokens=cached)
 
     async def _embed_unit(
         self, team: cfg.Team, request: EmbeddingRequest, prefix: bytes, deadline: float
     ) -> Outcome:
         key = unit_key(prefix, request.items)
-        (entry,) = await self.cache.get_many([key])
-        if entry is not None:
+        (held,) = await self.cache.get_many([key])
+        if held is not None:
             return Outcome(
-                vectors=list(entry.vectors),
-                tokens=entry.tokens,
+                unit=list(held.entry.vectors),
+                tokens=held.entry.tokens,
                 hits=len(request.items),
-                cached_tokens=entry.tokens,
-                reservation=await self._reserve(team, 0, {key: entry}),
+                cached_tokens=held.entry.tokens,
+                reservation=await self._reserve(team, 0, {key: held}),
             )
         reservation = await self._reserve(team, sum(estimate(i) for i in request.items), {})
         actual = 0
@@ -189,7 +180,7 @@ class EmbeddingService:
         finally:
             await self._reconcile(reservation, actual)
         return Outcome(
-            vectors=list(entry.vectors),
+            unit=list(entry.vectors),
             tokens=entry.tokens,
             misses=0 if joined else len(request.items),
             joined=len(request.items) if joined else 0,

@@ -252,19 +252,6 @@ class UsageRecorder:
         t.cost_usd += cost_usd
         t.cost_saved_usd += cost_saved_usd
 
-    def count_hits(self, team: str, model: str, inputs: int, hits: int, cached_tokens: int, saved: float) -> None:
-        """`count` of a request served whole from the cache: no misses, no upstream tokens, no cost."""
-        key = (team, model, self._today())
-        t = self._pending.get(key)
-        if t is None:
-            self._pending[key] = Tally(1, inputs, hits, 0, 0, 0, cached_tokens, 0.0, saved)
-            return
-        t.requests += 1
-        t.inputs += inputs
-        t.hits += hits
-        t.cached_tokens += cached_tokens
-        t.cost_saved_usd += saved
-
     def _today(self) -> str:
         now = self.clock()
         if not self._day_start <= now < self._day_start + 86400:

@@ -345,8 +345,8 @@ async def test_a_job_leaves_the_hot_tier_to_interactive_traffic(gateway: Gateway
     texts = [text(i) for i in range(20)]
     await sync(warm, {"input": texts})  # now in Redis
     client = await start(gateway, "redis", redis_url)  # another replica: its hot tier is empty
-    hot = client.app[K.CACHE].hot
-    assert hot is not None and hot.bytes == 0
+    hot = client.app[K.CACHE].local
+    assert hot.bytes == 0
     job = await run_file(client, [line(str(i), t) for i, t in enumerate(texts)])
     assert job.completed == 20 and sim_of(client).calls == 0  # all from Redis
     assert hot.bytes == 0  # a re-index does not push interactive entries out

@@ -1,4 +1,5 @@
-"""The entry codec, the store contract (same tests on memory and Redis), and cache outages."""
+"""The entry codec, the store contract (same tests on Redis and a Redis Cluster), the in-process tier, and cache
+outages."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.cache import EmbeddingCache, Entry, HotCache, decode, encode, encode_unit, item_keys, key_prefix, unit_key
+from gateway.cache import ENTRY_OVERHEAD, RENDERING_OVERHEAD, EmbeddingCache, LocalTier, item_keys, key_prefix, unit_key
+from gateway.codec import Entry, decode, encode, encode_unit
 from gateway.keys import CACHE_PREFIX
 from gateway.protocol import parse_embedding_request
 from gateway.store import CacheStore, open_cache_store
@@ -75,11 +77,9 @@ def test_keys_ignore_field_order_and_render_fields_but_not_params() -> None:
 # ---- the store contract, run on every backend ------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(params=["redis", "cluster"])
 def store_url(request: pytest.FixtureRequest) -> str:
     """Each backend's URL; a cluster is started only when a cluster-param test runs."""
-    if request.param == "memory":
-        return "memory://"
     url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
     return url
 
@@ -109,27 +109,6 @@ async def test_store_get_many_spans_every_slot_and_node(store: CacheStore) -> No
     await store.set_many([(k, k[::-1]) for k in keys[::2]], ttl_s=60)
     got = await store.get_many(keys)
     assert got == [k[::-1] if i % 2 == 0 else None for i, k in enumerate(keys)]
-
-
-async def test_memory_store_is_bounded_by_bytes_lru() -> None:
-    s = open_cache_store("memory://", max_bytes=100)
-    await s.set_many([(b"a", b"x" * 40), (b"b", b"x" * 40)], ttl_s=60)
-    await s.get_many([b"a"])  # a is now most recent
-    await s.set_many([(b"c", b"x" * 40)], ttl_s=60)
-    assert await s.get_many([b"a", b"b", b"c"]) == [b"x" * 40, None, b"x" * 40]
-
-
-async def test_memory_store_expires_entries() -> None:
-    from gateway.store.memory import MemoryCacheStore
-
-    now = [100.0]
-    s = MemoryCacheStore(max_bytes=1000, clock=lambda: now[0])
-    await s.set_many([(b"a", b"1")], ttl_s=10)
-    now[0] = 109.0
-    assert await s.get_many([b"a"]) == [b"1"]
-    now[0] = 110.0
-    assert await s.get_many([b"a"]) == [None]
-    assert len(s) == 0 and s.bytes == 0
 
 
 async def test_redis_entries_have_ttl_and_binary_keys(redis_url: str) -> None:
@@ -171,8 +150,9 @@ async def test_cache_redis_killed_and_restarted(gateway: Gateway, own_redis: Red
     for i in range(3):
         assert (await embed(f"during {i}"))["X-Cache-Misses"] == "1"
     calls = sim.calls
-    assert (await embed("during 0"))["X-Cache-Misses"] == "1"  # nothing could be cached
-    assert sim.calls == calls + 1
+    # Redis could keep nothing, but the in-process tier did: a repeat costs no upstream call.
+    assert (await embed("during 0"))["X-Cache-Hits"] == "1"
+    assert sim.calls == calls
     own_redis.start()
     await embed("after")
     assert (await embed("after"))["X-Cache-Hits"] == "1"
@@ -200,66 +180,98 @@ async def test_cache_errors_are_counted_and_bypassed_without_raising() -> None:
             raise ConnectionError("down")
 
     seen: list[str] = []
-    cache = EmbeddingCache(Broken(), ttl_s=1, error_backoff_s=0.0, on_error=seen.append)  # type: ignore[arg-type]
+    cache = EmbeddingCache(Broken(), ttl_s=1, local_max_bytes=0, error_backoff_s=0.0,  # type: ignore[arg-type]
+                           on_error=seen.append)
     assert await cache.get_many([b"a", b"b"]) == [None, None]
-    await cache.set_many([(b"a", encode(unit_vector(8), 1))])
+    await cache.put_many([(b"a", Entry(unit_vector(8), 1))])
     assert seen == ["get", "set"]
 
 
 def test_undecodable_entry_is_a_miss() -> None:
-    cache = EmbeddingCache(open_cache_store("memory://", max_bytes=10), ttl_s=1)
+    cache = EmbeddingCache(None, ttl_s=1, local_max_bytes=10)
     assert cache._decode(b"\x09garbage") is None
     assert cache._decode(encode(unit_vector(8), 2)[:-3]) is None
 
 
-# ---- the hot LRU in front of a shared store ----------------------------------------------------------------
+# ---- the in-process tier: the whole cache with memory://, in front of Redis otherwise ------------------------
 
 
-def test_hot_cache_is_an_lru_bounded_by_bytes_renderings_included() -> None:
+def entry_cost(dim: int, key: bytes = b"a") -> int:
+    return ENTRY_OVERHEAD + len(key) + 4 * dim
+
+
+def test_the_local_tier_is_an_lru_bounded_by_bytes_renderings_included() -> None:
     entries = {k: Entry(vectors=unit_vector(256, i), tokens=i) for i, k in enumerate([b"a", b"b", b"c", b"d"])}
-    cost = 256 * 4 + 400
-    hot = HotCache(3 * cost)
+    cost = entry_cost(256)
+    tier = LocalTier(3 * cost, ttl_s=60)
     for key in (b"a", b"b", b"c"):
-        hot.put(key, entries[key])
-    assert hot.get(b"a") is entries[b"a"]  # recency now: b, c, a
-    hot.put(b"d", entries[b"d"])  # b goes: c, a, d
-    assert hot.get(b"b") is None and len(hot) == 3 and hot.bytes == 3 * cost
-    head, fragment = b"{" * 4, b"x" * 96  # what precedes the item in an answer to a alone, and the item
-    hot.remember(b"a", "float", head, fragment)  # a rendering is a use and counts too: c goes; d, a
-    assert hot.solo(b"a", "float") == [head, fragment, b"]}"]
-    assert hot.get(b"c") is None and hot.get(b"d") is entries[b"d"]
-    assert len(hot) == 2 and hot.bytes == 2 * cost + 100 + 200  # the rendering and its record
-    found, missing = hot.items([b"a", b"d"], "float")
-    assert found == [fragment, None] and missing == 1
-    assert hot.solo(b"a", "base64") is None
-    hot.remember(b"b", "float", b"{", b"y")  # b is not resident: nothing is kept for it
-    assert hot.solo(b"b", "float") is None and hot.bytes == 2 * cost + 100 + 200
-    found, missing = hot.items([b"a", b"a"], "float")
-    assert found == [fragment] * 2 and missing == 0
-    # Fragment lookups are uses too (d, a): a new entry evicts d, then another evicts a, rendering and all.
-    hot.items([b"d", b"a"], "float")
-    hot.put(b"b", entries[b"b"])
-    assert hot.get(b"d") is None and len(hot) == 2  # a, b
-    hot.put(b"c", entries[b"c"])
-    assert hot.get(b"a") is None and hot.solo(b"a", "float") is None
-    assert hot.items([b"a", b"b"], "float")[1] == 2 and len(hot) == 2 and hot.bytes == 2 * cost
-    tiny = HotCache(100)  # an entry bigger than the whole bound is not kept
+        tier.put(key, entries[key])
+    (a,) = tier.get_many([b"a"])  # recency now: b, c, a
+    assert a is not None and a.entry is entries[b"a"]
+    tier.put(b"d", entries[b"d"])  # b goes: c, a, d
+    assert tier.get_many([b"b"]) == [None] and len(tier) == 3 and tier.bytes == 3 * cost
+    tier.keep_rendering(a, "float", b"x" * 96)  # a rendering is a use and counts too: c goes; d, a
+    assert tier.get_many([b"c"]) == [None] and len(tier) == 2
+    assert tier.bytes == 2 * cost + 96 + RENDERING_OVERHEAD
+    found = tier.get_many([b"a", b"x", b"d"])
+    assert [h.entry if h else None for h in found] == [entries[b"a"], None, entries[b"d"]]
+    assert found[0] is a and a.renderings == {"float": b"x" * 96}
+    tiny = LocalTier(100, ttl_s=60)  # an entry bigger than the whole bound is not kept
     tiny.put(b"a", entries[b"a"])
     assert len(tiny) == 0 and tiny.bytes == 0
 
 
-def test_hot_lookups_of_several_keys_are_uses_of_each() -> None:
-    entries = {k: Entry(vectors=unit_vector(256, i), tokens=i) for i, k in enumerate([b"a", b"b", b"c", b"d"])}
-    hot = HotCache(3 * (256 * 4 + 400))
-    for key in (b"a", b"b", b"c"):
-        hot.put(key, entries[key])
-    assert hot.get_many([b"b", b"x", b"a"]) == [entries[b"b"], None, entries[b"a"]]  # recency now: c, b, a
-    assert hot.get_many([b"c"]) == [entries[b"c"]]  # the one-key path: b, a, c
-    hot.put(b"d", entries[b"d"])  # b goes
-    assert hot.get_many([b"a", b"b", b"c", b"d"]) == [entries[b"a"], None, entries[b"c"], entries[b"d"]]
+def test_the_local_tier_expires_entries() -> None:
+    now = [100.0]
+    tier = LocalTier(1 << 20, ttl_s=10, clock=lambda: now[0])
+    tier.put(b"a", Entry(unit_vector(8), 1))
+    now[0] = 109.0
+    assert tier.get_many([b"a"])[0] is not None
+    now[0] = 110.0
+    assert tier.get_many([b"a"]) == [None] and len(tier) == 0 and tier.bytes == 0
 
 
-async def test_hot_entries_render_byte_identically_and_survive_a_flushed_redis(
+def test_batch_lookups_leave_the_local_tiers_order_alone() -> None:
+    tier = LocalTier(2 * entry_cost(8), ttl_s=60)
+    tier.put(b"a", Entry(unit_vector(8, 1), 1))
+    tier.put(b"b", Entry(unit_vector(8, 2), 1))
+    assert tier.get_many([b"a"], promote=False)[0] is not None  # not a use: a is still the oldest
+    tier.put(b"c", Entry(unit_vector(8, 3), 1))
+    assert [h is not None for h in tier.get_many([b"a", b"b", b"c"])] == [False, True, True]
+
+
+def test_a_view_into_an_upstream_batch_is_kept_as_its_own_array() -> None:
+    batch = np.stack([unit_vector(64, i) for i in range(100)])
+    tier = LocalTier(1 << 20, ttl_s=60)
+    held = tier.put(b"a", Entry(batch[3], 1))
+    assert isinstance(held.entry.vectors, np.ndarray) and held.entry.vectors.base is None
+    assert np.array_equal(held.entry.vectors, batch[3]) and tier.bytes == entry_cost(64)
+
+
+@pytest.mark.parametrize("dim", [32, 1024])
+def test_the_local_tiers_bound_is_what_its_entries_cost_the_process(dim: int) -> None:
+    """`max_bytes` bounds the process: what tracemalloc sees the tier take is within 10% of what it counts,
+    whatever the vector size (each entry arrives as a view into an upstream batch, as from the coalescer)."""
+    import tracemalloc
+
+    n = 4000
+    batch = np.random.default_rng(1).standard_normal((n, dim), dtype=np.float32)
+    keys = [i.to_bytes(16, "little") for i in range(n)]
+    tier = LocalTier(1 << 40, ttl_s=60)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i, key in enumerate(keys):
+            held = tier.put(key, Entry(batch[i], 7))
+            tier.keep_rendering(held, "base64", b'"' + b"A" * (dim * 4 * 4 // 3) + b'"')
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    counted = tier.bytes - sum(len(k) for k in keys) + n * (33 + 16)  # the keys existed before; count them
+    assert abs(taken - counted) <= 0.1 * counted, (taken, counted)
+
+
+async def test_local_entries_render_byte_identically_and_survive_a_flushed_redis(
     gateway: Gateway, redis_url: str
 ) -> None:
     client = await gateway(cache={"url": redis_url})
@@ -295,46 +307,3 @@ def test_content_keys_are_stable_across_releases() -> None:
     assert [k.hex() for k in keys] == [
         "e07b377de4822732bc001146cd758cb0", "240083a27742f810fa1243a58aa2070d", "ba7892f1ddaf4043da157afc8156d420",
     ]
-
-
-def test_an_assembled_answer_is_kept_until_an_entry_leaves_and_uses_its_keys() -> None:
-    entries = {k: Entry(vectors=unit_vector(256, i), tokens=i) for i, k in enumerate([b"a", b"b", b"c", b"d"])}
-    cost = 256 * 4 + 400
-    hot = HotCache(3 * cost + 2 * (100 + 200))
-    for key in (b"a", b"b", b"c"):
-        hot.put(key, entries[key])
-    hot.remember(b"a", "float", b"<a", b"A}")
-    hot.remember(b"b", "float", b"<b", b"B}")
-    assert hot.assembled(7, [b"a", b"b"]) is None  # nothing kept under serial 7 yet
-    pieces = [b"head", b"<a", b"A}", b",", b"B}", b"]}"]
-    done = hot.assemble(7, pieces)
-    assert done == (pieces, 13) and done[0] is pieces
-    hot.get(b"c")  # recency: a, b, c
-    assert hot.assembled(7, [b"a", b"b"]) is done  # and each key is used: c, a, b
-    assert hot.assembled(8, [b"a"]) is None
-    hot.put(b"d", entries[b"d"])  # c leaves (a would have, unused): every assembled answer goes with it
-    assert hot.get(b"c") is None and hot.get(b"a") is entries[b"a"] and hot.get(b"b") is entries[b"b"]
-    assert hot.assembled(7, [b"a", b"b"]) is None
-
-
-def test_assembled_answers_are_bounded_by_their_own_bytes() -> None:
-    hot = HotCache(1 << 20)
-    hot.max_assembled_bytes = 2 * (200 + 8 * 3)  # room for two answers of three pieces
-    for serial in range(3):
-        hot.assemble(serial, [b"h", b"i", b"e"])
-    # The third did not fit: what was kept went, and the third is kept alone.
-    assert [hot.assembled(s, []) is not None for s in range(3)] == [False, False, True]
-    assert hot.assemble(9, [b"x"] * 100) == ([b"x"] * 100, 100)  # over the whole bound: answered, not kept
-    assert hot.assembled(9, []) is None and hot.assembled(2, []) is None
-
-
-def test_canonical_keys_are_the_objects_the_hot_tier_holds() -> None:
-    hot = HotCache(1 << 20)
-    stored = bytes.fromhex("00" * 15 + "01")
-    hot.put(stored, Entry(vectors=unit_vector(8), tokens=1))
-    copy, other = bytes.fromhex("00" * 15 + "01"), b"\x02" * 16
-    assert copy == stored and copy is not stored
-    keys = hot.canonical([copy, other])
-    assert keys == (stored, other) and keys[0] is stored and keys[1] is other
-    cache = EmbeddingCache(open_cache_store("memory://", max_bytes=1 << 20), ttl_s=1)  # no hot tier
-    assert cache.canonical([copy]) == (copy,) and cache.canonical([copy])[0] is copy

@@ -185,16 +185,16 @@ def call_tokens(sim: Simulator, call: int) -> int:
 
 
 def count_cache_writes(client: TestClient) -> list[int]:
-    """Keys written to the cache store, one number per write."""
-    store = client.app[K.CACHE_STORE]
+    """Keys written to the cache, one number per write."""
+    cache = client.app[K.CACHE]
     writes: list[int] = []
-    set_many = store.set_many
+    put_many = cache.put_many
 
-    async def counted(items: Sequence[tuple[bytes, bytes]], ttl_s: int) -> None:
+    async def counted(items: Sequence[tuple[bytes, Any]], *, promote: bool = True) -> None:
         writes.append(len(items))
-        await set_many(items, ttl_s)
+        await put_many(items, promote=promote)
 
-    store.set_many = counted  # type: ignore[method-assign]
+    cache.put_many = counted  # type: ignore[method-assign]
     return writes
 
 
@@ -373,9 +373,9 @@ async def _usage_is_stored_shares(r: Rig, served: list[tuple[list[str], Reply]])
     cache = r.client.app[K.CACHE]
     for inputs, reply in served:
         request = parse_embedding_request({"model": MODEL, "input": inputs}, max_inputs=100)
-        entries = await cache.get_many(item_keys(key_prefix(request, None), request.items))
-        assert reply.body["usage"]["total_tokens"] == sum(e.tokens for e in entries if e is not None)
-        assert all(e is not None for e in entries)
+        found = await cache.get_many(item_keys(key_prefix(request, None), request.items))
+        assert reply.body["usage"]["total_tokens"] == sum(h.entry.tokens for h in found if h is not None)
+        assert all(h is not None for h in found)
 
 
 # ---- failure isolation ---------------------------------------------------------------------------------

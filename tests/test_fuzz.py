@@ -23,10 +23,11 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from hypothesis.extra import numpy as hnp
 
-from gateway.cache import EmbeddingCache, decode, encode, encode_unit, item_keys, key_prefix, unit_key
+from gateway.cache import EmbeddingCache, item_keys, key_prefix, unit_key
+from gateway.codec import decode, encode, encode_unit
 from gateway.errors import GatewayError
-from gateway.protocol import RENDER_FIELDS, parse_embedding_request, parse_json_object, render_embeddings
-from gateway.store.memory import MemoryCacheStore
+from gateway.protocol import RENDER_FIELDS, parse_embedding_request, parse_json_object
+from gateway.render import render_embeddings
 from gateway.tokens import split
 from gateway.upstream import decode_answer
 
@@ -239,11 +240,13 @@ def corrupted_entries(draw: st.DrawFn) -> bytes:
 @example(raw=b"\x01\x02\x01\x00" + bytes(8))  # a unit of one 0-dim vector
 async def test_cache_survives_garbage_entries(raw: bytes) -> None:
     """A corrupt entry in the store is a miss (or a well-formed entry), never an exception."""
-    store = MemoryCacheStore(max_bytes=1 << 20)
-    await store.set_many([(b"k", raw)], 60)
-    (entry,) = await EmbeddingCache(store, ttl_s=60).get_many([b"k"])
-    if entry is not None:
-        vecs = entry.vectors if isinstance(entry.vectors, list) else [entry.vectors]
+    class OneEntry:
+        async def get_many(self, keys: Any) -> list[bytes]:
+            return [raw]
+
+    (held,) = await EmbeddingCache(OneEntry(), ttl_s=60, local_max_bytes=1 << 20).get_many([b"k"])  # type: ignore[arg-type]
+    if held is not None:
+        vecs = held.entry.vectors if isinstance(held.entry.vectors, list) else [held.entry.vectors]
         assert all(v.dtype == np.dtype("<f4") and v.size > 0 for v in vecs)
 
 

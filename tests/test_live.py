@@ -17,6 +17,7 @@ from gateway import appkeys as K
 from gateway import config as cfg
 from gateway.app import create_app
 from gateway.auth import hash_key
+from gateway.live import keep_restart_only
 from gateway.sim import SimConfig, Simulator
 
 from .conftest import TEAM_A_KEY, TEAM_B_KEY, auth, base_config
@@ -148,3 +149,14 @@ async def test_reload_changes_a_teams_quota_from_the_next_request(started: Start
     path.write_text(yaml.safe_dump(data))
     assert client.app[K.LIVE].reload()
     assert await embed(client, TEAM_A_KEY, "unlimited again") == 200
+
+
+def test_limits_bound_at_start_keep_their_running_values() -> None:
+    old = cfg.from_data(base_config())
+    new = cfg.from_data(base_config(limits={"header_timeout_s": 3, "keepalive_timeout_s": 5, "max_connections": 7,
+                                            "max_json_depth": 9, "max_inputs_per_request": 2}))
+    effective, pending = keep_restart_only(old, new)
+    assert pending == ["limits.header_timeout_s", "limits.keepalive_timeout_s", "limits.max_connections"]
+    assert (effective.limits.header_timeout_s, effective.limits.keepalive_timeout_s) == (10.0, 75.0)
+    assert effective.limits.max_connections == 1024
+    assert (effective.limits.max_json_depth, effective.limits.max_inputs_per_request) == (9, 2)

@@ -235,6 +235,32 @@ async def test_sighup_rotates_keys_without_a_failed_request_and_refuses_a_bad_fi
     assert await gw.exit_code(within=25) == 0
 
 
+async def test_sighup_that_takes_a_model_away_refuses_the_very_next_repeat(
+    serve: Callable[..., Awaitable[Proc]], tmp_path: Path, redis_url: str
+) -> None:
+    """One request path: an exact repeat just answered from the cache is held to the reloaded team rules."""
+    data = file_config(cache={"url": redis_url})
+    gw = await serve(data)
+    body = {"model": "jina-embeddings-v3", "input": ["asked twice"]}
+    async with aiohttp.ClientSession() as session:
+
+        async def post() -> tuple[int, Any, Any]:
+            async with session.post(f"{gw.url}/v1/embeddings", json=body, headers=auth(TEAM_A_KEY)) as resp:
+                return resp.status, resp.headers, await resp.json()
+
+        assert (await post())[0] == 200
+        status, headers, _ = await post()
+        assert status == 200 and headers["X-Cache-Hits"] == "1"
+        teams = [{**data["teams"][0], "models": ["jina-embeddings-v4"]}, data["teams"][1]]
+        (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({**data, "teams": teams}))
+        gw.signal(signal.SIGHUP)
+        await gw.line_with("config reloaded")
+        status, _, answer = await post()
+        assert status == 403 and answer["code"] == "MODEL_NOT_ALLOWED"
+    gw.signal(signal.SIGTERM)
+    assert await gw.exit_code(within=25) == 0
+
+
 async def test_two_workers_share_the_port_and_metrics_add_up(
     serve: Callable[..., Awaitable[Proc]], tmp_path: Path
 ) -> None:

@@ -353,16 +353,3 @@ def test_tally_add_covers_every_field() -> None:
     tally = Tally(**dict.fromkeys(FIELDS, 1))  # type: ignore[arg-type]
     tally.add(Tally(**dict.fromkeys(FIELDS, 2)))  # type: ignore[arg-type]
     assert tally.as_dict() == dict.fromkeys(FIELDS, 3)
-
-
-async def test_an_all_hit_requests_count_is_count_with_its_zeros() -> None:
-    hits, full = UsageRecorder(MemoryUsageStore()), UsageRecorder(MemoryUsageStore())
-    for i in range(3):  # the first creates the day's tally, the others add to it
-        hits.count_hits("a", MODEL, 8, 4 + i, 40 * i, 0.5 * i)
-        full.count("a", MODEL, 8, 4 + i, 0, 0, 0, 40 * i, 0.0, 0.5 * i)
-    assert await hits.flush() and await full.flush()
-    got = await hits.store.read(None, [hits._day])
-    assert got == await full.store.read(None, [full._day])
-    assert [(t.requests, t.inputs, t.hits, t.misses, t.cached_tokens, t.cost_saved_usd) for t in got.values()] == [
-        (3, 24, 15, 0, 120, 1.5)
-    ]

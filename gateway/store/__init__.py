@@ -1,8 +1,5 @@
-"""Storage backends behind one small interface: in-process memory (the embedded default) and Redis.
-
-`open_cache_store` picks the backend from the URL: `memory://`, or any Redis URL of `store/redis.py` (plain, TLS,
-sentinel, cluster).
-"""
+"""The shared cache store's interface and its Redis backend (plain, TLS, sentinel, cluster URLs of
+`store/redis.py`). `memory://` has no store: the cache's in-process tier is the whole cache (cache.py)."""
 
 from __future__ import annotations
 
@@ -28,10 +25,6 @@ class CacheStore(Protocol):
 def open_cache_store(
     url: str, *, max_bytes: int, socket_timeout_s: float = 0.5, options: RedisOptions | None = None
 ) -> CacheStore:
-    if url.startswith("memory://"):
-        from .memory import MemoryCacheStore
-
-        return MemoryCacheStore(max_bytes=max_bytes)
     from .redis import RedisCacheStore
 
     return RedisCacheStore.from_url(url, socket_timeout_s=socket_timeout_s, options=options)

@@ -291,15 +291,16 @@ class UpstreamClient:
 
 def open_session(config: cfg.Upstream, *, connections: int) -> aiohttp.ClientSession:
     """One pooled session for one upstream: `connections` keep-alive connections, proxies from the environment
-    (`HTTPS_PROXY`, `NO_PROXY`), the upstream's TLS settings, gzip/deflate answers decoded."""
+    (`HTTPS_PROXY`, `NO_PROXY`) unless `trust_env` is off, the upstream's TLS settings, gzip/deflate answers decoded."""
     connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0, keepalive_timeout=30,
                                      ssl=_ssl_context(config.tls))
     return aiohttp.ClientSession(
-        connector=connector, trust_env=True, auto_decompress=True, timeout=aiohttp.ClientTimeout(total=None),
+        connector=connector, trust_env=config.trust_env, auto_decompress=True,
+        timeout=aiohttp.ClientTimeout(total=None),
     )
 
 
-def _ssl_context(tls: cfg.UpstreamTLS) -> ssl.SSLContext | bool:
+def _ssl_context(tls: cfg.UpstreamTls) -> ssl.SSLContext | bool:
     """True (aiohttp's default verification) unless a CA bundle or a client certificate is set."""
     if tls.ca_file is None and tls.cert_file is None:
         return True

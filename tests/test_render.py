@@ -11,14 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gateway.protocol import (
-    render_body,
-    render_embeddings,
-    render_fragment,
-    render_items,
-    render_solo,
-    render_vector,
-)
+from gateway.render import embeddings_body, fragment, render_embeddings, vector_json
 
 finite_f32 = hnp.from_dtype(np.dtype("<f4"), allow_nan=False, allow_infinity=False)
 shapes = st.integers(1, 64) | st.tuples(st.integers(1, 4), st.integers(1, 16))
@@ -32,7 +25,7 @@ def dict_rendering(model: str, vectors: list[np.ndarray], tokens: int, output: s
         "model": model,
         "object": "list",
         "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
-        "data": [{"object": "embedding", "index": i, "embedding": render_vector(v, output)}
+        "data": [{"object": "embedding", "index": i, "embedding": vector_json(v, output)}
                  for i, v in enumerate(vectors)],
     }
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -50,16 +43,6 @@ def test_fragments_render_views_and_big_endian_arrays_like_contiguous_little_end
     for vec in (base[::2], base.astype(">f4"), base[10:42]):
         for output in ("float", "base64", "binary", "ubinary"):
             contiguous = np.ascontiguousarray(vec, dtype="<f4")
-            assert render_fragment(vec, output) == render_fragment(contiguous, output)
+            assert fragment(vec, output) == fragment(contiguous, output)
     empty = b'{"model":"m","object":"list","usage":{"total_tokens":3,"prompt_tokens":3},"data":[]}'
-    assert render_body("m", 3, []) == empty
-
-
-def test_the_pieces_of_an_answer_join_to_the_answer() -> None:
-    # render_embeddings is checked against orjson's rendering of the dict above; the hot tier's pieces
-    # (render_solo's, render_items') must join to the same bytes.
-    vecs = [np.arange(4, dtype="<f4") + i for i in range(3)]
-    fragments = [render_fragment(v, "float") for v in vecs]
-    assert b"".join(render_solo("m", 3, fragments[0])) == render_embeddings("m", vecs[:1], 3, "float")
-    items = [render_solo("m", 1, f)[1] for f in fragments]
-    assert b"".join(render_items("m", 9, items)) == render_embeddings("m", vecs, 9, "float")
+    assert embeddings_body("m", 3, []) == empty
