@@ -37,7 +37,7 @@ def test_the_single_upstream_block_is_one_upstream_named_default() -> None:
     config = cfg.parse_config("upstream: {url: 'https://api.jina.ai/v1', api_key: k, api: openai}", env={})
     (default,) = config.routes
     assert (default.name, default.wire, default.pool, default.models) == ("default", "openai", ("k",), None)
-    assert cfg.parse_config("", env={}).routes == (cfg.Upstream(),)
+    assert cfg.from_data({}).routes == (cfg.Upstream(),)
 
 
 def test_a_list_of_upstreams_with_pools_model_maps_and_kinds() -> None:
@@ -62,7 +62,7 @@ def test_a_list_of_upstreams_with_pools_model_maps_and_kinds() -> None:
         ("upstreams: [{name: a, weight: 0}]", "upstreams.0.weight: must be > 0"),
         ("upstreams: [{name: a, limits: {requests_per_minute: 0}}]",
          "upstreams.0.limits.requests_per_minute: must be at least 1"),
-        ("upstreams: [{name: a, tls: {key_file: k.pem}}]", "upstreams.0.tls.key_file: needs tls.cert_file"),
+        ("upstreams: [{name: a, tls: {key_file: k.pem}}]", "upstreams.0.tls.key_file: needs upstreams.0.tls.cert_file"),
         ("upstreams: [{name: a, tls: {ca: x}}]", "upstreams.0.tls.ca: unknown key"),
         ("upstream: {url: 'http://x'}\nupstreams: [{name: a}]", "upstream: give either `upstream:` or `upstreams:`"),
     ],
