@@ -71,8 +71,8 @@ def _save(args: argparse.Namespace, info: dict[str, object], gen: str, when: str
     (out / "latest.json").write_bytes(data)
     if args.readme and not args.smoke:
         block = "```\n" + report.header(info, gen, when, seconds) + "\n\n" + text + "\n```"
-        if not report.update_readme(ROOT / "README.md", block):
-            print("bench: README.md has no bench markers; not updated", file=sys.stderr)
+        if not report.update_readme(ROOT / "docs/performance.md", block):
+            print("bench: docs/performance.md has no bench markers; not updated", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="measured runs per load (the median is reported)")
     p.add_argument("--only", help="comma-separated scenarios: 1 (and 2), 3, 4, 5, 6, 7, 8")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the JSON results go")
-    p.add_argument("--readme", action="store_true", help="write the table into README.md between the markers")
+    p.add_argument("--readme", action="store_true", help="write the table into docs/performance.md between the markers")
     return p
 
 

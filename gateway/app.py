@@ -28,12 +28,12 @@ from .live import LiveConfig
 from .metrics import Metrics, replace
 from .middleware import Routes
 from .pacing import MemoryPacingBackend, Pacer, PacingBackend, RedisPacingBackend, budget_id
-from .quota import STORE_ERRORS, MemoryQuotaBackend, QuotaBackend, QuotaGate, RedisQuotaBackend
+from .quota import STORE_ERRORS, MemoryQuotaBackend, QuotaBackend, QuotaGate, RedisQuotaBackend, budget_prices
 from .service import EmbeddingService
 from .sim import SimConfig, Simulator, start_sim
 from .store import open_cache_store
 from .store.redis import connect, preload_scripts
-from .upstream import UpstreamClient
+from .upstream import Router, UpstreamClient
 from .usage import MemoryUsageStore, RedisUsageStore, UsageRecorder, UsageStore
 
 log = logging.getLogger("gateway")
@@ -75,12 +75,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     live = app[K.LIVE]
     config = live.config  # what is read once here needs a restart to change (see live.py)
     metrics = app[K.METRICS]
-    sim_runner = None
-    base_url = config.upstream.url
-    if base_url.startswith("sim://"):
-        sim = app.get(K.SIMULATOR) or Simulator(_sim_config(config.upstream.sim))
-        app[K.SIMULATOR] = sim
-        sim_runner, base_url = await start_sim(sim)
+    sim_runners: list[web.AppRunner] = []
     # memory:// is the in-process tier alone; a shared store sits behind it otherwise.
     memory_only = config.cache.url.startswith("memory://")
     store = None if memory_only else open_cache_store(
@@ -107,10 +102,9 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     quota = _quota(app, state_redis)
     app[K.QUOTA] = quota
     budget = app[K.BUDGET] = _budget(app, state_redis, quota, admin)
-    upstream = UpstreamClient(config.upstream, base_url, metrics, pacer=_pacer(app, state_redis))
+    upstream = app[K.ROUTER] = await _router(app, state_redis, sim_runners)
     coalescer = Coalescer(
-        upstream, cache, config.coalesce, config.upstream, metrics,
-        call_budget_s=config.limits.request_timeout_s,
+        upstream, cache, config.coalesce, metrics, call_budget_s=config.limits.request_timeout_s,
     )
     app[K.COALESCER] = coalescer
     live.on_change(coalescer.reconfigure)
@@ -134,8 +128,8 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
             await store.close()
         if state_redis is not None:
             await state_redis.aclose()
-        if sim_runner is not None:
-            await sim_runner.cleanup()
+        for runner in sim_runners:
+            await runner.cleanup()
 
 
 def _metrics(config: cfg.Config) -> Metrics:
@@ -175,7 +169,7 @@ def _quota(app: web.Application, state_redis: Any) -> QuotaGate:
         backend = MemoryQuotaBackend(clock.time) if clock is not None else MemoryQuotaBackend()
     else:
         backend = RedisQuotaBackend(state_redis)
-    quota = QuotaGate(live.config.quota, backend, metrics, clock=clock, prices=live.config.prices)
+    quota = QuotaGate(live.config.quota, backend, metrics, clock=clock, prices=budget_prices(live.config))
     live.on_change(quota.reconfigure)
 
     async def quota_remaining() -> None:
@@ -215,17 +209,44 @@ def _budget(app: web.Application, state_redis: Any, quota: QuotaGate, admin: Adm
     return budget
 
 
-def _pacer(app: web.Application, state_redis: Any) -> Pacer | None:
-    """Paces the shared key when `upstream.limits` sets a rate; `max_concurrency` stays per process."""
+async def _router(app: web.Application, state_redis: Any, sim_runners: list[web.AppRunner]) -> Router:
+    """One client per upstream, its session open; a `sim://` upstream gets a simulator in-process (the first one
+    is `app[K.SIMULATOR]`, or the one given to create_app)."""
+    config = app[K.LIVE].config
+    sims = app[K.SIMULATORS] = {}
+    clients = []
+    for up in config.routes:
+        base_url = up.url
+        if base_url.startswith("sim://"):
+            kind = base_url.removeprefix("sim://") or up.wire
+            given = app.get(K.SIMULATOR) if not sims else None
+            sim = sims[up.name] = given or Simulator(_sim_config(up.sim, kind))
+            runner, base_url = await start_sim(sim)
+            sim_runners.append(runner)
+            if kind == "tei":
+                base_url = base_url.removesuffix("/v1")  # TEI's routes are at the root
+        pacers = [_pacer(app, state_redis, up, key) for key in up.pool]
+        clock = app.get(K.CLOCK)
+        clients.append(UpstreamClient(up, base_url, app[K.METRICS], pacers=pacers, prices=config.prices,
+                                      monotonic=clock.time if clock is not None else time.monotonic))
+    if sims:
+        app[K.SIMULATOR] = next(iter(sims.values()))
+    router = Router(clients, app[K.METRICS])
+    await router.start()
+    return router
+
+
+def _pacer(app: web.Application, state_redis: Any, upstream: cfg.Upstream, key: str) -> Pacer | None:
+    """Paces one key when its upstream's `limits` set a rate; `max_concurrency` stays per process."""
     config, clock = app[K.LIVE].config, app.get(K.CLOCK)
-    limits = config.upstream.limits
+    limits = upstream.limits
     if not (limits.requests_per_minute or limits.tokens_per_minute):
         return None
     backend: PacingBackend
     if state_redis is None:
         backend = MemoryPacingBackend(clock.time) if clock is not None else MemoryPacingBackend()
     else:
-        backend = RedisPacingBackend(state_redis, budget_id(config.upstream))
+        backend = RedisPacingBackend(state_redis, budget_id(upstream, key))
     return Pacer(limits, backend, app[K.METRICS], clock=clock, error_backoff_s=config.quota.error_backoff_s)
 
 
@@ -256,8 +277,9 @@ async def _stop_batch(app: web.Application) -> None:
         await worker.stop()
 
 
-def _sim_config(s: cfg.SimSettings) -> SimConfig:
+def _sim_config(s: cfg.SimSettings, kind: str) -> SimConfig:
     return SimConfig(
+        kind=kind,
         latency_base_ms=s.latency_base_ms,
         latency_per_token_ms=s.latency_per_token_ms,
         rate_limit_requests=s.rate_limit_requests,

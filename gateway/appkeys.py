@@ -19,6 +19,7 @@ from .quota import Clock, QuotaGate
 from .service import EmbeddingService
 from .sim import Simulator
 from .store import CacheStore
+from .upstream import Router
 from .usage import UsageRecorder
 
 # The config and key ring, swapped whole by a reload (SIGHUP): read `app[LIVE].config` / `.keyring` when you
@@ -41,6 +42,10 @@ JOB_STORE: web.AppKey[JobStore] = web.AppKey("job_store")
 BATCH_WORKER = web.AppKey("batch_worker", BatchWorker)
 # The in-process simulated upstream when `upstream.url` is `sim://` (tests read its counters).
 SIMULATOR = web.AppKey("simulator", Simulator)
+# Every in-process simulated upstream, by upstream name.
+SIMULATORS = web.AppKey("simulators", dict[str, Simulator])
+# The upstreams: model → upstreams, their clients, key pools and breakers.
+ROUTER = web.AppKey("router", Router)
 
 # Teams and keys made over the admin API, and the poller that keeps this replica's key ring current.
 ADMIN = web.AppKey("admin", Admin)

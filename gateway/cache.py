@@ -136,8 +136,9 @@ def _owned(entry: Entry) -> tuple[Entry, int]:
 class EmbeddingCache:
     """Lookups through the in-process tier, then the store; writes to both.
 
-    After a store connection error the store is skipped for `error_backoff_s`, so an outage costs one failed
-    call per period instead of one per request; a timed-out command fails only the lookups that waited on it.
+    After a store connection error, or once the store has answered nothing for a whole `error_backoff_s`, the
+    store is skipped for `error_backoff_s`, so an outage costs one failed call per period instead of one per
+    request; a timed-out command alone fails only the lookups that waited on it.
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class EmbeddingCache:
         self.error_backoff_s = error_backoff_s
         self.errors = 0
         self._skip_until = 0.0
+        self._answered_at = time.monotonic()  # when the store last answered a command
         self.local = LocalTier(local_max_bytes, ttl_s, clock)
 
     async def get_many(self, keys: Sequence[bytes], *, promote: bool = True) -> list[Held | None]:
@@ -185,6 +187,8 @@ class EmbeddingCache:
             await self.store.set_many(writes, self.ttl_s)
         except Exception as exc:
             self._failed("set", exc)
+            return
+        self._answered()
 
     def renderings(self, found: Sequence[Held], output: str, render: Callable[[np.ndarray, str], bytes]) -> list[bytes]:
         """Each entry's `embedding` JSON in `output`, made by `render` once per entry and format, then kept."""
@@ -200,21 +204,32 @@ class EmbeddingCache:
     def _available(self) -> bool:
         return time.monotonic() >= self._skip_until
 
+    def _answered(self) -> None:
+        self._answered_at = time.monotonic()
+
     def _failed(self, op: str, exc: BaseException) -> None:
         self.errors += 1
-        self._skip_until = time.monotonic() + self.error_backoff_s
         if self.on_error is not None:
             self.on_error(op)
+        now = time.monotonic()
+        # A timeout is one slow command and fails only its callers; a store that refuses us, or has answered
+        # nothing for a whole backoff period (a dead host), is bypassed so an outage is not paid per request.
+        if isinstance(exc, TimeoutError) and now - self._answered_at < self.error_backoff_s:
+            log.warning("cache %s timed out: %r", op, exc)
+            return
+        self._skip_until = now + self.error_backoff_s
         log.warning("cache %s failed, bypassing the cache for %.1fs: %r", op, self.error_backoff_s, exc)
 
     async def _fetch(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys or self.store is None or not self._available():
             return [None] * len(keys)
         try:
-            return await self.store.get_many(keys)
+            raws = await self.store.get_many(keys)
         except Exception as exc:
             self._failed("get", exc)
             return [None] * len(keys)
+        self._answered()
+        return raws
 
     def _decode(self, raw: bytes | None) -> Entry | None:
         if raw is None:

@@ -51,13 +51,14 @@ def _parser() -> argparse.ArgumentParser:
 
     add_admin(sub)
 
-    sim = sub.add_parser("sim", help="run the simulated Jina upstream as its own server")
+    sim = sub.add_parser("sim", help="run a simulated upstream (jina, openai or tei) as its own server")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8090)
     sim.add_argument("--latency-ms", type=float, default=0.0, help="base latency per call")
     sim.add_argument("--latency-per-token-ms", type=float, default=0.0)
     sim.add_argument("--rpm", type=int, default=None, help="requests per minute before answering 429")
-    sim.add_argument("--api-key", default=None, help="require this bearer key")
+    sim.add_argument("--api-key", action="append", default=None, help="require this bearer key (repeat for a pool)")
+    sim.add_argument("--kind", choices=("jina", "openai", "tei"), default="jina", help="the wire format served")
     sim.set_defaults(func=_sim)
     return parser
 
@@ -94,7 +95,8 @@ def _default_config() -> str:
 
 def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    print(f"{args.config}: ok ({len(config.teams)} teams, upstream {config.upstream.url})")
+    upstreams = ", ".join(f"{u.name} {u.url}" for u in config.routes)
+    print(f"{args.config}: ok ({len(config.teams)} teams, upstream {upstreams})")
     return 0
 
 
@@ -126,7 +128,8 @@ def _sim(args: argparse.Namespace) -> int:
             latency_base_ms=args.latency_ms,
             latency_per_token_ms=args.latency_per_token_ms,
             rate_limit_requests=args.rpm,
-            api_key=args.api_key,
+            api_keys=tuple(args.api_key or ()),
+            kind=args.kind,
         ),
     )
     return 0

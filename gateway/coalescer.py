@@ -9,9 +9,10 @@ tokens), its oldest input has waited `max_wait_ms`, or the group's calls have al
 input of a burst at once while slots are free would not do: a burst arrives over more than one upstream
 round trip (the gateway parses it at a finite rate), so each freed slot would leave with one input.
 
-Batches are formed only when one of the `upstream.limits.max_concurrency` call slots is free, so work that
-cannot go yet waits here, where its order is decided: interactive before batch-priority work, and across
-teams in proportion to their `weight` (start-time fair queuing over estimated tokens), not first come.
+Batches are formed only when one of the router's call slots (`limits.max_concurrency` per key of every
+upstream) is free, so work that cannot go yet waits here, where its order is decided: interactive before
+batch-priority work, and across teams in proportion to their `weight` (start-time fair queuing over estimated
+tokens), not first come.
 
 A key queued or in flight is never sent twice: later callers join it. Upstream calls run in tasks owned by
 the coalescer, so a caller that goes away never cancels work other callers wait for, and the result is
@@ -41,7 +42,7 @@ from .errors import GatewayError, Overloaded, UpstreamFailed, UpstreamRejected, 
 from .metrics import Metrics
 from .protocol import Item
 from .tokens import split
-from .upstream import UpstreamClient
+from .upstream import Router
 
 log = logging.getLogger("gateway.coalescer")
 
@@ -152,10 +153,9 @@ class _FairClock:
 class Coalescer:
     def __init__(
         self,
-        upstream: UpstreamClient,
+        upstream: Router,
         cache: EmbeddingCache,
         config: cfg.Coalesce,
-        upstream_config: cfg.Upstream,
         metrics: Metrics,
         *,
         call_budget_s: float = 60.0,
@@ -163,7 +163,6 @@ class Coalescer:
         self.upstream = upstream
         self.cache = cache
         self.config = config
-        self.upstream_config = upstream_config
         self.metrics = metrics
         self.call_budget_s = call_budget_s
         self._flights: dict[bytes, _Pending] = {}
@@ -175,7 +174,7 @@ class Coalescer:
         self._owners = itertools.count(1)
         self._seq = itertools.count()
         self._fair = _FairClock()
-        self._slots = upstream_config.limits.max_concurrency
+        self._slots = upstream.capacity
         # Unit calls (never merged) waiting for a call slot, first come first served; a freed slot goes to them
         # before batches are formed, so a steady stream of batches cannot starve a unit.
         self._unit_waiters: deque[asyncio.Future[None]] = deque()
@@ -289,7 +288,7 @@ class Coalescer:
     def _group(self, group_key: bytes, params: dict[str, Any]) -> _Group:
         group = self._groups.get(group_key)
         if group is None:
-            max_inputs = self.upstream_config.max_inputs_for(str(params.get("model", "")))
+            max_inputs = self.upstream.max_inputs_for(str(params.get("model", "")))
             group = _Group(group_key, params, max(1, min(max_inputs, self.config.max_batch_inputs)))
             self._groups[group_key] = group
         return group
@@ -574,7 +573,7 @@ class Coalescer:
     ) -> None:
         slot = False
         try:
-            await self._take_slot()  # a unit counts against upstream.limits.max_concurrency like a batch
+            await self._take_slot()  # a unit takes a call slot like a batch
             slot = True
             self.calls += 1
             result = await self.upstream.embed(params, items, time.monotonic() + self.call_budget_s)

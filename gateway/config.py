@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
@@ -48,6 +48,16 @@ Seconds = Annotated[float, Strict(), Field(gt=0)]  # timeouts and intervals: abo
 Delay = Annotated[float, Strict(), Field(ge=0)]  # waits, backoffs and weights that may be 0
 Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
 KeyHash = Annotated[str, Strict(), AfterValidator(_key_hash)]
+Weight = Annotated[float, Strict(), Field(gt=0)]
+
+
+def _model_list(value: Any) -> Any:
+    """A list of models names each by its public name."""
+    return {v: v for v in value} if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+
+
+# An upstream's models: public name → the name this upstream knows (YAML may give a list of public names).
+ModelMap = Annotated[dict[Str, Annotated[str, Strict(), Field(min_length=1)]], BeforeValidator(_model_list)]
 _SECTION = ConfigDict(extra="forbid")
 
 
@@ -90,10 +100,29 @@ class UpstreamTls:
 
 @dataclass(frozen=True, kw_only=True, config=_SECTION)
 class Upstream:
+    """One upstream deployment (in `upstreams:`; the single `upstream:` block is one named `default`)."""
+
+    name: Str = "default"
+    # The wire format: "jina" (`embedding_type`), "openai" (`encoding_format`), "tei" (TEI's `POST /embed`).
+    kind: Literal["jina", "openai", "tei"] | None = None
     url: Str = "sim://"
     api_key: Str = ""
-    # "jina" asks for `embedding_type: base64`, "openai" for `encoding_format: base64`.
+    keys: tuple[Str, ...] = ()  # a pool of keys; `api_key` is a pool of one
+    # The old name of `kind` (jina | openai), read when `kind` is not set.
     api: Literal["jina", "openai"] = "jina"
+    # Public model → this upstream's name for it; None: every model no other upstream names.
+    models: ModelMap | None = None
+    priority: Int = 1  # lower is tried first; equal priorities share the load by weight
+    weight: Weight = 1.0
+    drop_params: Bool = False  # drop request fields this kind cannot take instead of refusing them (422)
+    # USD per 1M tokens per model billed here (0 for a self-hosted one); a model not listed uses `prices`.
+    prices: dict[Str, Delay] = field(default_factory=dict)
+    # A key the upstream refused (401/403) is left out for this long, then tried again.
+    eject_s: Seconds = 300.0
+    # Consecutive failed calls (5xx, timeouts, connection errors past the retries) that open the breaker, and
+    # the time it stays open before one probe call may go.
+    breaker_failures: Count = 5
+    breaker_open_s: Seconds = 10.0
     timeout_s: Seconds = 30.0
     max_retries: Zeroable = 4
     backoff_base_s: Delay = 0.2
@@ -111,6 +140,18 @@ class Upstream:
 
     def max_inputs_for(self, model: str) -> int:
         return self.max_inputs_per_call.get(model, self.default_max_inputs_per_call)
+
+    @property
+    def wire(self) -> Literal["jina", "openai", "tei"]:
+        return self.kind or self.api
+
+    @property
+    def pool(self) -> tuple[str, ...]:
+        """The keys calls may use ('' alone: no Authorization header)."""
+        return self.keys or (self.api_key,)
+
+    def upstream_model(self, public: str) -> str:
+        return public if self.models is None else self.models[public]
 
 
 @dataclass(frozen=True, kw_only=True, config=_SECTION)
@@ -141,7 +182,8 @@ class Cache:
     scope: Literal["global", "team"] = "global"
     # Bound of the in-memory store (memory:// only), in bytes of stored entries.
     max_bytes: Count = 512 * 1024 * 1024
-    # Seconds the cache is bypassed after a store error, so an outage costs one timeout, not one per request.
+    # Seconds the cache is bypassed after a refused connection, or after the store answered nothing for this
+    # long: an outage costs one failed call per period, not one per request; one slow command fails only its callers.
     error_backoff_s: Delay = 1.0
     socket_timeout_s: Seconds = 0.5
     redis: RedisOptions = field(default_factory=RedisOptions)
@@ -293,6 +335,8 @@ class Batch:
 class Config:
     listen: Listen = field(default_factory=Listen)
     upstream: Upstream = field(default_factory=Upstream)
+    # Several upstreams (instead of `upstream:`); a request's model picks those that serve it.
+    upstreams: tuple[Upstream, ...] = ()
     cache: Cache = field(default_factory=Cache)
     state: State = field(default_factory=State)
     limits: Limits = field(default_factory=Limits)
@@ -307,6 +351,11 @@ class Config:
     prices: dict[Str, Delay] = field(default_factory=dict)
     shutdown_timeout_s: Delay = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @property
+    def routes(self) -> tuple[Upstream, ...]:
+        """Every upstream: the `upstreams:` list, or the single `upstream:` block."""
+        return self.upstreams or (self.upstream,)
 
 
 _COMMENT = re.compile(r"(?:^|\s)#")
@@ -386,15 +435,29 @@ def _check(config: Config) -> None:
             if key in seen:
                 raise ConfigError(f"teams.{i}.keys.{j}: key already belongs to team {seen[key]!r}")
             seen[key] = team.name
-    if not config.upstream.url.startswith(("sim://", "http://", "https://")):
-        raise ConfigError("upstream.url: must be http://, https:// or sim://")
-    tls = config.upstream.tls
-    if tls.key_file is not None and tls.cert_file is None:
-        raise ConfigError("upstream.tls.key_file: needs upstream.tls.cert_file (the certificate it belongs to)")
+    _check_upstreams(config)
     for where, url in (("cache.url", config.cache.url), ("state.url", config.state.url)):
         _check_store_url(url, where)
     if config.batch.lease_s < 2 * config.batch.heartbeat_s:
         raise ConfigError("batch.lease_s: must be at least twice batch.heartbeat_s, or a live worker loses its jobs")
+
+
+def _check_upstreams(config: Config) -> None:
+    if config.upstreams and config.upstream != Upstream():
+        raise ConfigError("upstream: give either `upstream:` or `upstreams:`, not both")
+    paths = ([(f"upstreams.{i}", up) for i, up in enumerate(config.upstreams)] if config.upstreams
+             else [("upstream", config.upstream)])
+    names: set[str] = set()
+    for where, up in paths:
+        if up.name in names or not re.fullmatch(r"[A-Za-z0-9_.-]+", up.name):
+            raise ConfigError(f"{where}.name: must be unique and of letters, digits, '_', '.', '-'; got {up.name!r}")
+        names.add(up.name)
+        if not up.url.startswith(("sim://", "http://", "https://")):
+            raise ConfigError(f"{where}.url: must be http://, https:// or sim://")
+        if up.keys and up.api_key:
+            raise ConfigError(f"{where}.keys: give either `api_key` or `keys`, not both")
+        if up.tls.key_file is not None and up.tls.cert_file is None:
+            raise ConfigError(f"{where}.tls.key_file: needs {where}.tls.cert_file (the certificate it belongs to)")
 
 
 def _check_store_url(url: str, where: str) -> None:

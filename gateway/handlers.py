@@ -42,6 +42,7 @@ async def embeddings(request: web.Request) -> web.Response:
         fields["inputs"] = len(req.items)
         if team.models is not None and req.model not in team.models:
             raise Forbidden(f"team {team.name!r} may not use model {req.model!r}", code="MODEL_NOT_ALLOWED")
+        app[K.ROUTER].check_model(req.model, team.models)
         outcome = await app[K.SERVICE].embed(team, req, deadline=started + config.limits.request_timeout_s)
         if outcome.unit is not None:
             fragments = [render.fragment(vec, req.output) for vec in outcome.unit]
@@ -105,10 +106,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Pings the very clients that serve traffic: the cache store's, and the state store's when it is Redis."""
     store = request.app[K.CACHE_STORE]
     checks = {"cache": True if store is None else await _ping(store)}
+    state = request.app[K.STATE_REDIS]
+    if state is not None:
+        checks["state"] = await _ping(state)
     ready = all(checks.values())
-    body = {"status": "ready" if ready else "unavailable", "checks": checks}
+    # Breaker states are reported, not checked: an open breaker sends calls elsewhere, the replica still serves.
+    body = {"status": "ready" if ready else "unavailable", "checks": checks,
+            "upstreams": request.app[K.ROUTER].breakers()}
     return web.Response(
         status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json"
     )

@@ -175,6 +175,35 @@ class Metrics:
         self.upstream_tokens = Counter(
             "eg_upstream_tokens", "Tokens the upstream reported, per call (the bill)", ["model"], registry=r
         )
+        # Per upstream and key id (`jina#2`, never the key itself).
+        self.upstream_key_calls = Counter(
+            "eg_upstream_key_calls", "Upstream HTTP attempts by upstream, key id and status",
+            ["upstream", "key", "status"], registry=r,
+        )
+        self.upstream_call_seconds = Histogram(
+            "eg_upstream_call_duration_seconds", "Upstream call latency by upstream", ["upstream"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_key_tokens = Counter(
+            "eg_upstream_key_tokens", "Tokens billed by upstream and key id", ["upstream", "key"], registry=r
+        )
+        self.upstream_cost = Counter(
+            "eg_upstream_cost_usd", "Cost billed by upstream (its own prices)", ["upstream"], registry=r
+        )
+        self.upstream_key_cooldowns = Counter(
+            "eg_upstream_key_cooldowns", "Keys cooled by an upstream 429", ["upstream", "key"], registry=r
+        )
+        self.upstream_key_ejections = Counter(
+            "eg_upstream_key_ejections", "Keys ejected after an upstream 401/403", ["upstream", "key"], registry=r
+        )
+        self.upstream_failovers = Counter(
+            "eg_upstream_failovers", "Calls that left this upstream for the next one serving the model",
+            ["upstream"], registry=r,
+        )
+        self.upstream_breaker = Gauge(
+            "eg_upstream_breaker_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
+            ["upstream"], registry=r, multiprocess_mode="max",
+        )
         self.queue_inputs = Gauge(
             "eg_coalescer_queue_inputs", "Inputs queued or in flight in the coalescer", registry=r,
             multiprocess_mode="livesum",
@@ -323,11 +352,27 @@ def process_figures(pid: int | str = "self") -> tuple[int | None, dict[str, int]
 def replace(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
     """Sets a labelled Gauge to exactly `values` (label tuple → value), dropping label sets not in it.
 
-    Synchronous on purpose: no scrape can render between the clear and the sets.
+    In multiprocess mode (`serve --workers`) prometheus-client cannot drop a label set from a worker's file
+    (`clear` only warns), so one that disappeared is set to 0 there instead. Synchronous on purpose: no scrape
+    can render between the drop and the sets.
     """
-    gauge.clear()
+    if _multiprocess():
+        for labels in _label_sets(gauge) - values.keys():
+            gauge.labels(*labels).set(0)
+    else:
+        gauge.clear()
     for labels, value in values.items():
         gauge.labels(*labels).set(value)
+
+
+def _multiprocess() -> bool:
+    # The test prometheus-client itself makes before it refuses to remove label sets.
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+
+
+def _label_sets(gauge: Gauge) -> set[tuple[str, ...]]:
+    """The label values of every series this process's `gauge` holds (samples keep label-name order)."""
+    return {tuple(sample.labels.values()) for family in gauge.collect() for sample in family.samples}
 
 
 class InFlight:

@@ -1,4 +1,4 @@
-"""Pacing of the shared upstream key: `upstream.limits.requests_per_minute / tokens_per_minute` kept by the
+"""Pacing of an upstream key: its upstream's `limits.requests_per_minute / tokens_per_minute`, per key, kept by the
 whole fleet through the state store, so work waits its turn (inside its deadline) instead of provoking 429s.
 
 A sliding-window log, not a bucket: the upstream counts calls in its own window, and only a log can promise
@@ -103,9 +103,10 @@ def _arg(now_ms: int | None) -> int | str:
     return "" if now_ms is None else now_ms
 
 
-def budget_id(upstream: cfg.Upstream) -> str:
-    """Names the budget by upstream URL and key without writing the key anywhere (a hash of both)."""
-    return xxhash.xxh3_64_hexdigest(f"{upstream.url}\0{upstream.api_key}".encode())
+def budget_id(upstream: cfg.Upstream, key: str | None = None) -> str:
+    """Names the budget of one key of `upstream` (default: its `api_key`) by upstream URL and key, without writing
+    the key anywhere (a hash of both)."""
+    return xxhash.xxh3_64_hexdigest(f"{upstream.url}\0{upstream.api_key if key is None else key}".encode())
 
 
 class Pacer:

@@ -338,7 +338,7 @@ class QuotaGate:
         """A reload: `quota.*` settings and prices apply from the next request (team policies travel with each
         team)."""
         self.settings = config.quota
-        self.prices = config.prices
+        self.prices = budget_prices(config)
 
     async def budget_state(self, team: cfg.Team) -> Verdict | None:
         """Where the team's budget stands now, spending nothing (None: no budget); store errors propagate."""
@@ -437,6 +437,17 @@ class QuotaGate:
 
     def _now(self) -> int | None:
         return None if self.clock is None else round(self.clock.time() * 1000)
+
+
+def budget_prices(config: cfg.Config) -> dict[str, float]:
+    """USD per 1M tokens per model for money budgets: the highest price of any upstream that may serve the model
+    (its `prices`, else the top-level `prices`). Admission cannot know which upstream a failover will reach, so a
+    budget is charged as if the dearest one billed the tokens: it is never overspent, at worst underspent."""
+    routes = config.routes
+    models = set(config.prices) | {m for up in routes for m in (*up.prices, *(up.models or ()))}
+    return {model: max((up.prices.get(model, config.prices.get(model, 0.0)) for up in routes
+                        if up.models is None or model in up.models), default=config.prices.get(model, 0.0))
+            for model in models}
 
 
 def rate_limit_headers(limits: Limits, verdict: Verdict) -> dict[str, str]:

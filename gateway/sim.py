@@ -1,5 +1,8 @@
-"""A simulated Jina Embeddings API for tests, benchmarks and the demo: deterministic vectors, the real
-validation rules, a sliding-window rate limit and injectable faults, so nothing paid is called."""
+"""A simulated embeddings API for tests, benchmarks and the demo: deterministic vectors, the real validation
+rules, a sliding-window rate limit and injectable faults, so nothing paid is called.
+
+Three kinds: `jina` (the Jina API, which also takes OpenAI's field names), `openai` (the same, as an
+OpenAI-compatible server), `tei` (Text Embeddings Inference's native `POST /embed` and `POST /tokenize`)."""
 
 from __future__ import annotations
 
@@ -29,7 +32,11 @@ NATIVE_DIMS: Final[dict[str, int]] = {
     "jina-embeddings-v4": 2048,
     "jina-embeddings-v3": 1024,
     "jina-clip-v2": 1024,
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "bge-m3": 1024,
 }
+SIM_KINDS: Final = ("jina", "openai", "tei")
 # Models whose per-request input limit differs from SimConfig.default_max_inputs.
 MODEL_MAX_INPUTS: Final[dict[str, int]] = {"jina-embeddings-v4": 512}
 TASKS: Final = frozenset(
@@ -73,6 +80,11 @@ class SimConfig:
     rate_limit_requests: int | None = None
     rate_window_s: float = 60.0
     api_key: str | None = None
+    # Several accepted keys (a pool); with `api_key`, both are accepted. Calls are counted per key.
+    api_keys: tuple[str, ...] = ()
+    kind: str = "jina"  # one of SIM_KINDS
+    rate_limit_per_key: bool = False  # `rate_limit_requests` counts each bearer key apart, as providers do
+    tei_model: str = "bge-m3"  # the one model a `tei` sim serves
 
 
 @dataclass
@@ -82,6 +94,7 @@ class Fault:
     body: dict[str, Any] | None = None
     headers: dict[str, str] | None = None
     delay_s: float = 0.0
+    key: str | None = None  # only calls with this bearer key meet the fault (None: any call)
 
 
 class SimError(ValueError):
@@ -152,9 +165,10 @@ def _check_model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if model is None:
         raise _invalid("model", "field required")
-    if not isinstance(model, str) or model not in NATIVE_DIMS:
+    # An org prefix ("jinaai/jina-embeddings-v3", as self-hosted servers name it) is the same model.
+    if not isinstance(model, str) or model.rsplit("/", 1)[-1] not in NATIVE_DIMS:
         raise _invalid("model", f"must be one of {', '.join(NATIVE_DIMS)}")
-    return model
+    return model.rsplit("/", 1)[-1]
 
 
 def _check_item(item: Any, name: str) -> Item:
@@ -379,7 +393,7 @@ class Simulator:
         self._clock = clock
         self._sleep = sleep
         self._faults: deque[Fault] = deque()
-        self._window: deque[float] = deque()
+        self._windows: dict[str, deque[float]] = {}  # by bearer key ("" unless rate_limit_per_key)
         # Cleared by pause(): answers wait (a crash test can stop the upstream mid-job, then kill the gateway).
         self._open = asyncio.Event()
         self._open.set()
@@ -394,6 +408,8 @@ class Simulator:
         self.tokens = 0
         self.requests = []
         self.dropped = 0
+        self.key_calls: dict[str, int] = {}  # calls per bearer key presented (the sim's own bookkeeping)
+        self.tokenize_calls = 0
 
     def pause(self) -> None:
         """Valid requests wait before they are answered (and billed) until `resume()`."""
@@ -426,6 +442,9 @@ class Simulator:
         app = web.Application(client_max_size=_MAX_BODY_BYTES)
         app.router.add_post("/v1/embeddings", self._handle)
         app.router.add_post("/embeddings", self._handle)
+        # TEI's native routes: every sim serves them (the kind says what `embedding-gateway sim` announces).
+        app.router.add_post("/embed", self._handle)
+        app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/", self._health)
         # Control of a sim running as its own process (`embedding-gateway sim`): its counters, pause, resume.
         app.router.add_get("/_sim/stats", self._stats)
@@ -460,9 +479,19 @@ class Simulator:
         body = await _read_json(request)
         if isinstance(body, dict):
             self.requests.append(body)
-        if self._faults:
-            return await self._apply_fault(self._faults.popleft(), request, body)
+        key = _bearer(request)
+        self.key_calls[key] = self.key_calls.get(key, 0) + 1
+        fault = self._take_fault(key)
+        if fault is not None:
+            return await self._apply_fault(fault, request, body)
         return await self._answer(request, body)
+
+    def _take_fault(self, key: str) -> Fault | None:
+        for i, fault in enumerate(self._faults):
+            if fault.key is None or fault.key == key:
+                del self._faults[i]
+                return fault
+        return None
 
     async def _apply_fault(self, fault: Fault, request: web.Request, body: Any) -> web.StreamResponse:
         if fault.kind == "status":
@@ -476,10 +505,11 @@ class Simulator:
         return await self._answer(request, body, short=fault.kind == "short")
 
     async def _answer(self, request: web.Request, body: Any, *, short: bool = False) -> web.Response:
+        tei = request.path == "/embed"
         try:
             self._authorize(request)
-            self._admit()
-            req = _parse(body, self.config)
+            self._admit(_bearer(request))
+            req = _parse(_tei_request(body, self.config) if tei else body, self.config)
         except SimError as exc:
             return _error_response(exc)
         total = sum(req.tokens)
@@ -491,7 +521,10 @@ class Simulator:
         if request.transport is None or request.transport.is_closing():
             self.dropped += 1  # the caller is gone: nothing is delivered, nothing billed
             return web.Response(status=499)
-        payload = _response_body(req, _vectors(req), drop_last=short)
+        if tei:
+            payload = _tei_body(_vectors(req), drop_last=short)
+        else:
+            payload = _response_body(req, _vectors(req), drop_last=short)
         if not short:
             self.ok_calls += 1
             self.inputs += len(req.items)
@@ -506,28 +539,40 @@ class Simulator:
             del self._held[id(request)]
 
     def _authorize(self, request: web.Request) -> None:
-        key = self.config.api_key
-        if key is None:
+        keys = [k for k in (self.config.api_key, *self.config.api_keys) if k is not None]
+        if not keys:
             return
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = _bearer(request)
+        if not token:
             raise SimError(401, "AUTH_MISSING_API_KEY", "missing API key: send Authorization: Bearer <key>")
-        if not hmac.compare_digest(token.encode(), key.encode()):
+        if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
             raise SimError(401, "AUTH_INVALID_API_KEY", "invalid API key")
 
-    def _admit(self) -> None:
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """TEI's `POST /tokenize`: one list of tokens per input (the count is what an /embed call bills)."""
+        self.tokenize_calls += 1
+        try:
+            self._authorize(request)
+            req = _parse(_tei_request(await _read_json(request), self.config), self.config)
+        except SimError as exc:
+            return _error_response(exc)
+        rows = [[{"id": i, "text": "", "special": False, "start": None, "stop": None} for i in range(n)]
+                for n in req.tokens]
+        return web.Response(body=orjson.dumps(rows), content_type="application/json")
+
+    def _admit(self, key: str) -> None:
         """Sliding-window log; only admitted requests enter the window."""
         limit = self.config.rate_limit_requests
         if limit is None:
             return
+        log = self._windows.setdefault(key if self.config.rate_limit_per_key else "", deque())
         now, window = self._clock(), self.config.rate_window_s
-        while self._window and self._window[0] <= now - window:
-            self._window.popleft()
-        if len(self._window) < limit:
-            self._window.append(now)
+        while log and log[0] <= now - window:
+            log.popleft()
+        if len(log) < limit:
+            log.append(now)
             return
-        oldest = self._window[0] if self._window else now
+        oldest = log[0] if log else now
         retry_after = max(1, math.ceil(oldest + window - now))
         raise SimError(
             429,
@@ -535,6 +580,31 @@ class Simulator:
             f"rate limit of {limit} requests per {window:g} s exceeded; retry in {retry_after} s",
             headers={"Retry-After": str(retry_after)},
         )
+
+
+# ---------------------------------------------------------------- TEI's native API
+
+
+def _tei_request(body: Any, config: SimConfig) -> Any:
+    """A TEI `/embed` or `/tokenize` body as the Jina request it means (TEI serves one model; normalizes by default)."""
+    if not isinstance(body, dict):
+        return body
+    inputs = body.get("inputs")
+    out: dict[str, Any] = {"model": config.tei_model, "input": [inputs] if isinstance(inputs, str) else inputs}
+    for tei_name, name in (("normalize", "normalized"), ("truncate", "truncate"), ("dimensions", "dimensions")):
+        if tei_name in body:
+            out[name] = body[tei_name]
+    return out
+
+
+def _tei_body(vectors: list[Vector], *, drop_last: bool = False) -> bytes:
+    rows = [v.astype(np.float64) for v in vectors]
+    return orjson.dumps(rows[:-1] if drop_last else rows, option=_DUMPS_OPTS)
+
+
+def _bearer(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 async def _read_json(request: web.Request) -> Any:

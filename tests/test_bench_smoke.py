@@ -32,3 +32,16 @@ def test_bench_smoke_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     # Scenario 4 counts exactly even on a tiny load: every unique input went upstream once.
     overlap = result["raw"]["overlap"]
     assert overlap["upstream_inputs"] == overlap["unique_inputs"]
+
+
+@pytest.mark.slow
+def test_redis_clients_bench_prints_a_row_per_client_and_case() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.redis_clients", "--seconds", "0.05", "--rounds", "1", "--concurrency", "1,4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("redis-py+hiredis")]
+    assert [(row[1], row[2], row[4]) for row in rows] == [
+        ("1", "1", "1.00x"), ("1", "4", "1.00x"), ("32", "1", "1.00x"), ("32", "4", "1.00x")]

@@ -258,3 +258,20 @@ def test_a_bad_budget_in_the_config_names_its_key(budget: dict[str, Any], error:
     with pytest.raises(cfg.ConfigError) as caught:
         cfg.from_data(base_config(teams=[{"name": "t", "budget": budget}]))
     assert str(caught.value).startswith(error)
+
+
+def test_a_model_is_budgeted_at_the_dearest_upstream_that_may_serve_it() -> None:
+    from gateway import config as cfg
+    from gateway.quota import budget_prices
+
+    from .conftest import base_config
+
+    data = base_config(prices={"m": 1.0, "only-global": 0.5})
+    data.pop("upstream")
+    data["upstreams"] = [
+        {"name": "cheap", "url": "sim://", "models": ["m", "n"], "prices": {"m": 0.2, "n": 0.1}, "priority": 1},
+        {"name": "dear", "url": "sim://", "models": ["m"], "prices": {"m": 3.0}, "priority": 2},
+        {"name": "rest", "url": "sim://", "prices": {"k": 0.0}},
+    ]
+    prices = budget_prices(cfg.from_data(data))
+    assert prices == {"m": 3.0, "n": 0.1, "only-global": 0.5, "k": 0.0}

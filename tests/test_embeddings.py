@@ -158,8 +158,9 @@ async def test_large_miss_lists_are_split_at_the_upstream_limit(gateway: Gateway
     items = texts(8)
     status, _, raw = await post(client, {"model": MODEL, "input": items})
     assert status == 200
-    assert [len(r["input"]) for r in sim.requests] == [3, 3, 2]
-    assert [x for r in sim.requests for x in r["input"]] == items
+    # The three calls go at once, on three pooled connections: they may reach the upstream in any order.
+    assert sorted(len(r["input"]) for r in sim.requests) == [2, 3, 3]
+    assert sorted(x for r in sim.requests for x in r["input"]) == sorted(items)
     assert orjson.loads(raw)["usage"]["total_tokens"] == sim.tokens
 
 

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry, Gauge
 
 from gateway import appkeys as K
 from gateway.auth import hash_key
@@ -15,9 +22,11 @@ from gateway.sim import Fault, SimConfig
 
 from .conftest import TEAM_A_KEY, TEAM_B_KEY, UPSTREAM_KEY, Gateway, auth, sim_of
 from .promtext import scrape
+from .redis_server import free_port
 from .workload import MODEL, NANO, run_workload
 
 PRICES = {MODEL: 0.05, NANO: 0.02}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_upstream_billed_tokens_in_metrics_equal_the_simulators_count(gateway: Gateway) -> None:
@@ -166,3 +175,38 @@ def test_published_request_figures_expose_exactly_what_observe_per_request_would
     bulk.active.leave()
     assert b"eg_requests_in_flight 0.0" in bulk.render()
     assert b'eg_requests_total{route="/v1/embeddings",status="429",team="team-a"} 3.0' in bulk.render()
+
+
+def test_replace_in_multiprocess_mode_zeroes_a_vanished_label_set_without_a_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """prometheus-client warns on `clear` in multiprocess mode (filterwarnings=error turns that into a failure)."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    gauge = Gauge("eg_test_policy", "a labelled gauge", ["team", "policy"], registry=CollectorRegistry())
+    replace(gauge, {("a", "rpm"): 1.0, ("b", "rpm"): 2.0})
+    replace(gauge, {("a", "rpm"): 3.0})
+    assert {tuple(s.labels.values()): s.value for s in gauge.collect()[0].samples} == {
+        ("a", "rpm"): 3.0, ("b", "rpm"): 0.0,
+    }
+
+
+def test_serve_with_two_workers_starts_scrapes_and_stops_without_a_warning() -> None:
+    port = free_port()
+    with subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", "config/demo.yaml", "--workers", "2",
+         "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert b"2 workers" in proc.stdout.readline()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/metrics", headers={"Authorization": "Bearer demo-metrics-token"}
+            )
+            with urllib.request.urlopen(request, timeout=30) as resp:  # runs every scrape hook (replace)
+                assert b"eg_workers 2.0" in resp.read()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert b"Warning" not in stderr, stderr.decode()

@@ -7,11 +7,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..config import RedisOptions
+    from .redis import ClientOptions
 
 
 class CacheStore(Protocol):
-    """Binary values by binary key, with a TTL. `get_many` is one round trip for all keys."""
+    """Binary values by binary key, with a TTL. `get_many` is one round trip for all keys.
+
+    A command the store did not answer in time raises the builtin `TimeoutError` (its callers alone fail);
+    any other exception means the store cannot be reached or refused the command."""
 
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]: ...
 
@@ -23,7 +26,7 @@ class CacheStore(Protocol):
 
 
 def open_cache_store(
-    url: str, *, max_bytes: int, socket_timeout_s: float = 0.5, options: RedisOptions | None = None
+    url: str, *, max_bytes: int, socket_timeout_s: float = 0.5, options: ClientOptions | None = None
 ) -> CacheStore:
     from .redis import RedisCacheStore
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -22,12 +22,11 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..config import RedisOptions
 from ..keys import CACHE_PREFIX
-from .pipelined import PipelinedRedis
 
-try:  # redis-py >= 8 reads its package metadata for every new connection (~5 ms each) unless given this once
+try:  # redis-py >= 8 reads its package metadata for every new connection unless given this once
     from redis.driver_info import DriverInfo
 
     _DRIVER: dict[str, Any] = {"driver_info": DriverInfo()}
@@ -40,9 +39,49 @@ log = logging.getLogger("gateway.store")
 # and quotas would fail over exactly when the load is highest. Waiting for a connection is queueing inside this
 # process, not a sick Redis (the socket timeout catches that), so the wait may be longer than a command.
 POOL_WAIT_S = 5.0
+# Bytes asked of the socket per read: the cache's largest replies (32 entries of ~4 KB) in one read, not three.
+READ_SIZE = 256 * 1024
 
 SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://", "redis+cluster://",
            "rediss+cluster://")
+
+
+class ClientOptions(Protocol):
+    """Pool, timeouts, retries and TLS of one client, as `config.RedisOptions` holds them (read, never kept)."""
+
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def connect_timeout_s(self) -> float | None: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def retry_backoff_s(self) -> float: ...
+    @property
+    def health_check_interval_s(self) -> float: ...
+    @property
+    def tls_ca_file(self) -> str | None: ...
+    @property
+    def tls_cert_file(self) -> str | None: ...
+    @property
+    def tls_key_file(self) -> str | None: ...
+    @property
+    def tls_verify(self) -> bool: ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DefaultOptions:
+    """The options of a client made without any (tests, tools): `config.RedisOptions`'s defaults."""
+
+    max_connections: int = 512
+    connect_timeout_s: float | None = None
+    retries: int = 1
+    retry_backoff_s: float = 0.05
+    health_check_interval_s: float = 30
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +141,9 @@ def _int(text: str, url: str) -> int:
         raise ValueError(f"{url!r}: {text!r} is not a number") from None
 
 
-def connect(url: str, *, socket_timeout_s: float, options: RedisOptions | None = None) -> Any:
+def connect(url: str, *, socket_timeout_s: float, options: ClientOptions | None = None) -> Any:
     """A client for any supported URL: `Redis` (plain or sentinel-managed master) or `RedisCluster`."""
-    opts = options or RedisOptions()
+    opts = options or DefaultOptions()
     target = parse_url(url)
     # Short timeouts and few retries: a dead Redis must cost a request milliseconds, not its whole deadline.
     kwargs: dict[str, Any] = {
@@ -116,6 +155,7 @@ def connect(url: str, *, socket_timeout_s: float, options: RedisOptions | None =
                        opts.retries),
         "decode_responses": False,
         "max_connections": opts.max_connections,
+        "socket_read_size": READ_SIZE,
         **_DRIVER,
     }
     if target.tls:
@@ -129,7 +169,7 @@ def connect(url: str, *, socket_timeout_s: float, options: RedisOptions | None =
     return _sentinel_master(target, kwargs)
 
 
-def _tls(opts: RedisOptions, kind: str) -> dict[str, Any]:
+def _tls(opts: ClientOptions, kind: str) -> dict[str, Any]:
     tls: dict[str, Any] = {
         "ssl_ca_certs": opts.tls_ca_file,
         "ssl_certfile": opts.tls_cert_file,
@@ -147,7 +187,7 @@ def _sentinel_master(target: Target, kwargs: dict[str, Any]) -> Any:
     pool_size = kwargs.pop("max_connections")
     sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith(("socket_", "ssl"))}
     sentinel_kwargs["password"] = target.sentinel_password
-    sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs)
     return sentinel.master_for(
         target.service, redis_class=_SentinelManaged, db=target.db, username=target.username,
         password=target.password, max_connections=pool_size,
@@ -168,50 +208,44 @@ def is_cluster(client: Any) -> bool:
 
 
 class RedisCacheStore:
-    """The cache on Redis. On a plain `redis://` or `unix://` URL, reads and writes go through a pipelined
-    client (`store/pipelined.py`): one round trip per request at a fraction of redis-py's cost per command.
-    TLS, Sentinel and Cluster URLs go through redis-py (which follows failovers and slots)."""
+    """The cache on Redis, through redis-py's pooled client (hiredis parses replies): one MGET per read, one
+    pipeline of SETs per write (one round trip each). A command that gets no answer within the socket timeout
+    raises the builtin `TimeoutError` and fails only its own callers; every other failure raises `RedisError`
+    or `OSError`."""
 
-    def __init__(self, client: Any, *, prefix: bytes = CACHE_PREFIX, fast: PipelinedRedis | None = None) -> None:
+    def __init__(self, client: Any, *, prefix: bytes = CACHE_PREFIX) -> None:
         self.client = client
         self.prefix = prefix
-        self.fast = fast
         # A cluster spreads keys over slots: MGET per slot, pipelined, so still one round trip per node.
         self._mget = client.mget_nonatomic if is_cluster(client) else client.mget
 
     @classmethod
     def from_url(
-        cls, url: str, *, socket_timeout_s: float = 0.5, options: RedisOptions | None = None
+        cls, url: str, *, socket_timeout_s: float = 0.5, options: ClientOptions | None = None
     ) -> RedisCacheStore:
-        fast = None
-        if url.startswith(("redis://", "unix://")):
-            connect_timeout = options.connect_timeout_s if options is not None else None
-            fast = PipelinedRedis.from_url(url, timeout_s=socket_timeout_s, connect_timeout_s=connect_timeout)
-        return cls(connect(url, socket_timeout_s=socket_timeout_s, options=options), fast=fast)
+        return cls(connect(url, socket_timeout_s=socket_timeout_s, options=options))
 
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         p = self.prefix
-        if self.fast is not None:
-            (values,) = await self.fast.execute((b"MGET", *[p + k for k in keys]))
-            return list(values)
-        return list(await self._mget([p + k for k in keys]))
+        try:
+            return list(await self._mget([p + k for k in keys]))
+        except RedisTimeoutError as exc:
+            raise TimeoutError(str(exc)) from exc
 
     async def set_many(self, items: Sequence[tuple[bytes, bytes]], ttl_s: int) -> None:
-        if self.fast is not None:
-            await self.fast.execute(*[(b"SET", self.prefix + key, value, b"EX", ttl_s) for key, value in items])
-            return
         # Not a transaction: in a cluster the pipeline is split per node and sent to each in one write.
         pipe = self.client.pipeline(transaction=False)
         for key, value in items:
             pipe.set(self.prefix + key, value, ex=ttl_s)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except RedisTimeoutError as exc:
+            raise TimeoutError(str(exc)) from exc
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
     async def close(self) -> None:
-        if self.fast is not None:
-            await self.fast.close()
         await self.client.aclose()
 
 
