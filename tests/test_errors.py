@@ -20,6 +20,12 @@ def assert_error_shape(raw: bytes, code: str) -> dict[str, Any]:
     assert isinstance(body, dict)
     assert isinstance(body["detail"], str) and body["detail"]
     assert body["code"] == code
+    # OpenAI's shape beside Jina's, with the same reason (its SDK puts error.message in the exception text).
+    error = body["error"]
+    assert error["message"] == body["detail"] and error["code"] == code and error["param"] == (
+        body["errors"][0]["field"] if "errors" in body else None)
+    assert error["type"] in ("invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+                             "rate_limit_error", "timeout_error", "server_error")
     return body
 
 
@@ -37,7 +43,7 @@ async def test_missing_or_wrong_key_is_401(gateway: Gateway, headers: dict[str, 
     client = await gateway()
     resp = await client.post("/v1/embeddings", json={"model": MODEL, "input": ["x"]}, headers=headers)
     assert resp.status == 401
-    assert_error_shape(await resp.read(), code)
+    assert assert_error_shape(await resp.read(), code)["error"]["type"] == "authentication_error"
     assert sim_of(client).calls == 0
 
 

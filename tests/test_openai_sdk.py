@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import openai
 import pytest
 from openai import AsyncOpenAI
 
@@ -44,3 +45,13 @@ async def test_openai_sdk_gets_the_upstreams_vectors(gateway: Gateway, encoding_
     finally:
         await runner.cleanup()
     assert sim.calls == 1
+
+
+async def test_the_sdks_exception_carries_the_reason(gateway: Gateway) -> None:
+    client = await gateway()
+    async with AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=TEAM_A_KEY, max_retries=0) as via:
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            await via.embeddings.create(model=MODEL, input=["fine", ""])
+    assert str(caught.value) == "Error code: 422 - input[1]: must not be an empty string"
+    assert caught.value.status_code == 422
+    assert sim_of(client).calls == 0
