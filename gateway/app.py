@@ -74,7 +74,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     sim_runner = None
     base_url = config.upstream.url
     if base_url.startswith("sim://"):
-        sim = app.get(K.SIMULATOR) or Simulator(_sim_config(config.upstream.sim))
+        sim = app.get(K.SIMULATOR) or Simulator(_sim_config(config.upstream.sim, config.upstream.api))
         app[K.SIMULATOR] = sim
         sim_runner, base_url = await start_sim(sim)
     store = open_cache_store(
@@ -219,8 +219,9 @@ async def _stop_batch(app: web.Application) -> None:
         await worker.stop()
 
 
-def _sim_config(s: cfg.SimSettings) -> SimConfig:
+def _sim_config(s: cfg.SimSettings, api: str) -> SimConfig:
     return SimConfig(
+        api=api,
         latency_base_ms=s.latency_base_ms,
         latency_per_token_ms=s.latency_per_token_ms,
         rate_limit_requests=s.rate_limit_requests,

@@ -362,7 +362,8 @@ class BatchWorker:
     async def _embed_step(self, team: cfg.Team, lines: list[Line]) -> list[LineOutput | LineError]:
         """Lines with the same parameters share calls (one cache lookup, one quota reservation per call);
         late-chunking / multivector lines are units and go alone. Results come back in line order."""
-        requests = [parse_embedding_request(x.body, max_inputs=1 << 30) for x in lines]
+        # Checked when the job was created (token ids only if the upstream reads them).
+        requests = [parse_embedding_request(x.body, max_inputs=1 << 30, token_ids=True) for x in lines]
         calls = self._plan(requests)
         answers = await asyncio.gather(
             *(self._call(team, [lines[i] for i in c], [requests[i] for i in c]) for c in calls)

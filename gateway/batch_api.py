@@ -144,7 +144,7 @@ async def create_batch(request: web.Request) -> web.Response:
     body = parse_json_object(await read_body(request))
     model, endpoint, window = _job_fields(body)
     max_inputs = min(config.limits.max_inputs_per_request, team.max_inputs_per_request or 1 << 30)
-    rules = Rules(model=model, max_inputs=max_inputs, models=team.models)
+    rules = Rules(model=model, max_inputs=max_inputs, models=team.models, token_ids=config.upstream.api != "jina")
     file_id, source, field = await _source(request, team, body)
     # Checking 50,000 lines takes a few hundred milliseconds that interactive requests must not wait for.
     lines, errors, chunks = await asyncio.to_thread(_prepare, source, rules, field, config.batch.chunk_lines)

@@ -42,6 +42,7 @@ class Rules:
     model: str
     max_inputs: int
     models: tuple[str, ...] | None = None
+    token_ids: bool = False  # the upstream reads inputs given as tokenizer ids
 
 
 def numbered_lines(content: bytes) -> Iterable[tuple[int, bytes]]:
@@ -101,7 +102,7 @@ def check_line(number: int, value: Any, rules: Rules) -> Line | LineError:
     if body.get("model") is None:
         body = {**body, "model": rules.model}
     try:
-        request = parse_embedding_request(body, max_inputs=rules.max_inputs)
+        request = parse_embedding_request(body, max_inputs=rules.max_inputs, token_ids=rules.token_ids)
     except GatewayError as exc:
         return bad(exc.detail, exc.code)
     if rules.models is not None and request.model not in rules.models:
