@@ -1,4 +1,5 @@
-"""HTTP handlers of the Batch API: files (`/v1/files`) and batch jobs (`/v1/batch/...`, `/v1/batches`).
+"""HTTP handlers of the Batch API: files (`/v1/files`) and batch jobs (`/v1/batch/...`); OpenAI's view of the
+same jobs (`/v1/batches`) is openai_batches.py.
 
 Every id is looked up under the caller's team, so another team's file or job answers 404.
 """
@@ -32,7 +33,6 @@ def add_routes(router: Routes) -> None:
     router.add_get("/v1/files/{file_id}/content", file_content)
     router.add_delete("/v1/files/{file_id}", delete_file)
     router.add_post("/v1/batch/embeddings", create_batch)
-    router.add_get("/v1/batches", list_batches)
     router.add_get("/v1/batch/{batch_id}", get_batch)
     router.add_delete("/v1/batch/{batch_id}", cancel_batch)
     router.add_get("/v1/batch/{batch_id}/output", batch_output)
@@ -198,22 +198,6 @@ async def cancel_batch(request: web.Request) -> web.Response:
     if await store.cancel(team, job_id, _now()) is None:
         raise NotFound(f"no batch job {job_id!r}")
     return _json((await _job(request)).public())
-
-
-async def list_batches(request: web.Request) -> web.Response:
-    raw_limit = request.query.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
-        raise ValidationFailed("limit", "must be an integer from 1 to 100")
-    jobs, more = await request.app[K.JOB_STORE].list_jobs(
-        _team(request).name, limit=int(raw_limit), after=request.query.get("after")
-    )
-    return _json({
-        "object": "list",
-        "data": [j.public() for j in jobs],
-        "first_id": jobs[0].id if jobs else None,
-        "last_id": jobs[-1].id if jobs else None,
-        "has_more": more,
-    })
 
 
 async def batch_output(request: web.Request) -> web.StreamResponse:
