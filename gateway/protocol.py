@@ -27,7 +27,6 @@ OUTPUT_FORMATS: tuple[str, ...] = ("float", "base64", "binary", "ubinary")
 # `encoding_type` is Jina's older name for `embedding_type` (what its LlamaIndex integration sends).
 RENDER_FIELDS = frozenset({"input", "embedding_type", "encoding_type", "encoding_format", "user"})
 _BOOL_FIELDS = ("normalized", "late_chunking", "return_multivector", "truncate")
-_JINA_FORMAT_FIELDS = ("embedding_type", "encoding_type")
 
 # A list of ints is one input as tokenizer ids (OpenAI's `input: [[15339, 1917]]`), read only by an
 # OpenAI-compatible upstream; LangChain's OpenAIEmbeddings sends these by default.
@@ -109,13 +108,16 @@ def _check_token_ids(field: str, ids: list[Any], token_ids: bool) -> None:
 
 def _parse_output(body: dict[str, Any]) -> OutputFormat:
     """Jina's field (`embedding_type`, or its alias `encoding_type`) wins over OpenAI's `encoding_format`."""
-    given = {name: _output_value(name, body[name]) for name in _JINA_FORMAT_FIELDS if body.get(name) is not None}
-    if len(set(given.values())) > 1:
-        raise ValidationFailed(
-            "encoding_type", "embedding_type and its alias encoding_type ask for different formats; give one"
-        )
-    if given:
-        return next(iter(given.values()))
+    value, alias = body.get("embedding_type"), body.get("encoding_type")
+    if alias is not None:
+        output = _output_value("encoding_type", alias)
+        if value is not None and _output_value("embedding_type", value) != output:
+            raise ValidationFailed(
+                "encoding_type", "embedding_type and its alias encoding_type ask for different formats; give one"
+            )
+        return output
+    if value is not None:
+        return _output_value("embedding_type", value)
     value = body.get("encoding_format")
     return "float" if value is None else _output_value("encoding_format", value)
 
