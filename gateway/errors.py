@@ -132,8 +132,8 @@ class StateUnavailable(GatewayError):
 
 
 class UpstreamRejected(GatewayError):
-    """The upstream refused the request (4xx other than 429): its status and body are passed through, with
-    OpenAI's `error` object added when the upstream's body (Jina's) has none."""
+    """The upstream refused the request (4xx other than 429): its status and body are passed through, with the
+    fields of `error_body` that it lacks (OpenAI's `error` for a Jina upstream, `detail`/`code` for an OpenAI one)."""
 
     def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         error = body.get("error")
@@ -144,9 +144,10 @@ class UpstreamRejected(GatewayError):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        if isinstance(self.upstream_body.get("error"), dict):
-            return self.upstream_body
-        return {**self.upstream_body, "error": error_body(self.status, self.detail, self.code)["error"]}
+        body = {**error_body(self.status, self.detail, self.code), **self.upstream_body}
+        if not isinstance(body["error"], dict):  # an upstream's own `error` that is not OpenAI's object
+            body["error"] = error_body(self.status, self.detail, self.code)["error"]
+        return body
 
 
 class UpstreamFailed(GatewayError):

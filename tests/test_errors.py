@@ -196,3 +196,24 @@ async def test_no_response_or_metric_contains_the_upstream_key(gateway: Gateway)
     for blob in seen:
         assert UPSTREAM_KEY.encode() not in blob
         assert TEAM_A_KEY.encode() not in blob
+
+
+@pytest.mark.parametrize(
+    ("upstream_body", "detail"),
+    [
+        ({"detail": "input too odd", "code": "BAD_INPUT"}, "input too odd"),
+        ({"error": {"message": "input too odd", "type": "invalid_request_error", "code": None, "param": "input"}},
+         "input too odd"),
+    ],
+)
+async def test_an_upstream_refusal_reads_in_both_shapes(
+    gateway: Gateway, upstream_body: dict[str, Any], detail: str
+) -> None:
+    client = await gateway()
+    sim_of(client).inject(Fault(kind="status", status=400, body=upstream_body))
+    resp = await client.post("/v1/embeddings", json={"model": MODEL, "input": ["x"]}, headers=auth())
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["detail"] == detail and body["error"]["message"] == detail
+    for name, value in upstream_body.items():  # the upstream's own fields, as it sent them
+        assert body[name] == value
