@@ -22,7 +22,7 @@ from .files import ENDPOINTS, Rules, check_window, count_lines, prepare
 from .handlers import principal_of, read_body
 from .jobs import FileMeta, Job, Stream
 from .middleware import Routes
-from .protocol import parse_json_object
+from .protocol import parse_json_object, reads_token_ids
 
 _READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 
@@ -141,7 +141,8 @@ async def create_batch(request: web.Request) -> web.Response:
     body = parse_json_object(await read_body(request))
     model, endpoint, window = _job_fields(body)
     max_inputs = min(config.limits.max_inputs_per_request, team.max_inputs_per_request or 1 << 30)
-    rules = Rules(model=model, max_inputs=max_inputs, models=team.models, token_ids=config.upstream.api != "jina")
+    rules = Rules(model=model, max_inputs=max_inputs, models=team.models,
+                  token_ids=reads_token_ids(config.upstream.api))
     file_id, source, field = await _source(request, team, body)
     # Checking 50,000 lines takes a few hundred milliseconds that interactive requests must not wait for.
     lines, errors, chunks = await asyncio.to_thread(prepare, source, rules, field, config.batch.chunk_lines)

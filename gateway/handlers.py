@@ -20,7 +20,7 @@ from .answer import JsonAnswer, header_lines
 from .auth import Principal
 from .errors import Forbidden, GatewayError, PayloadTooLarge, RequestTimeout, StateUnavailable
 from .memo import Replay
-from .protocol import parse_embedding_request, parse_json_object
+from .protocol import parse_embedding_request, parse_json_object, reads_token_ids
 from .quota import Reservation
 from .usage import build_report, parse_query
 
@@ -110,7 +110,7 @@ async def _embed(
 ) -> JsonAnswer:
     """The full path: decode, validate, look up each input, fetch the misses."""
     req = parse_embedding_request(parse_json_object(raw), max_inputs=max_inputs,
-                                  token_ids=config.upstream.api != "jina")
+                                  token_ids=reads_token_ids(config.upstream.api))
     model, inputs = req.model, len(req.items)
     # Logged even when the request fails below (429, 5xx): who asked for what is the useful part then.
     fields = request[K.LOG_FIELDS]

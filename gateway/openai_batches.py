@@ -24,7 +24,7 @@ from .files import ENDPOINTS, Rules, check_window, prepare
 from .handlers import principal_of, read_body
 from .jobs import Job, Stream
 from .middleware import Routes
-from .protocol import parse_json_object
+from .protocol import parse_json_object, reads_token_ids
 
 _READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 _FINAL = frozenset({"completed", "failed", "cancelled"})
@@ -87,7 +87,7 @@ async def create_batch(request: web.Request) -> web.Response:
         raise NotFound(f"no file {file_id!r}")
     max_inputs = min(config.limits.max_inputs_per_request, team.max_inputs_per_request or 1 << 30)
     # Each line names its model, as OpenAI's lines do: a line without one is an error line.
-    rules = Rules(model="", max_inputs=max_inputs, models=team.models, token_ids=config.upstream.api != "jina")
+    rules = Rules(model="", max_inputs=max_inputs, models=team.models, token_ids=reads_token_ids(config.upstream.api))
     lines, errors, chunks = await asyncio.to_thread(
         prepare, content, rules, "input_file_id", config.batch.chunk_lines
     )

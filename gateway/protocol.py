@@ -37,6 +37,11 @@ TOKEN_IDS_REFUSED = (
 )
 
 
+def reads_token_ids(api: str) -> bool:
+    """Whether an upstream of this kind reads inputs given as tokenizer ids: OpenAI-compatible ones do, Jina not."""
+    return api != "jina"
+
+
 @dataclass(frozen=True, slots=True)
 class EmbeddingRequest:
     model: str
