@@ -28,7 +28,6 @@ from .protocol import parse_json_object, reads_token_ids
 
 _READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 _FINAL = frozenset({"completed", "failed", "cancelled"})
-_STREAMS: dict[str, Stream] = {"output": "output", "errors": "errors"}
 # A job's output and errors as files: `file-<job id>-output`, `file-<job id>-errors`.
 _JOB_FILE = "file-{job}-{stream}"
 _JOB_FILE_ROUTE = r"/v1/files/{file_id:file-batch_[0-9a-f]+-(?:output|errors)}/content"
@@ -166,7 +165,7 @@ async def job_file_content(request: web.Request) -> web.StreamResponse:
     job = await request.app[K.JOB_STORE].get_job(_team(request).name, match[1])
     if job is None or job.status not in _FINAL:
         raise NotFound(f"no file {file_id!r}")
-    stream = _STREAMS[match[2]]
+    stream: Stream = "output" if match[2] == "output" else "errors"
     render = _output_renderer(job.id) if stream == "output" else _error_renderer(job.id)
     store = request.app[K.JOB_STORE]
     response = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
