@@ -15,7 +15,7 @@ from openai import AsyncOpenAI
 from gateway import appkeys as K
 from gateway.sim import Simulator, start_sim
 
-from .conftest import TEAM_A_KEY, Gateway, sim_of
+from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of
 from .redis_server import RedisServer
 
 MODEL = "jina-embeddings-v3"
@@ -112,6 +112,10 @@ async def test_the_sdks_batch_flow_runs_through_the_cache(gateway: Gateway, stor
         ("no-model", None, "VALIDATION_ERROR")]
     # The cached lines cost nothing: one upstream call, for the one new input.
     assert (sim.calls - calls, sim.inputs - inputs) == (1, 1)
+    # Another team sees neither the batch nor its files.
+    for path in (f"/v1/batches/{batch.id}", f"/v1/files/{batch.output_file_id}/content",
+                 f"/v1/files/{batch.error_file_id}/content"):
+        assert (await client.get(path, headers=auth(TEAM_B_KEY))).status == 404
 
 
 async def test_the_sdk_cancels_and_lists_batches(gateway: Gateway) -> None:
