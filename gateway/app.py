@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from . import appkeys as K
-from . import batch_api, handlers
+from . import batch_api, handlers, openai_batches
 from . import config as cfg
 from .batch import BatchWorker
 from .cache import EmbeddingCache
@@ -61,6 +61,7 @@ def create_app(
     routes.add_get("/metrics", handlers.metrics)
     routes.add_get("/v1/usage", handlers.usage)
     routes.add_get("/openapi.json", handlers.openapi)
+    openai_batches.add_routes(routes)  # first: its job-file ids are matched before the files API's
     batch_api.add_routes(routes)
     routes.add_unmatched()  # last: it matches every path
     app.on_shutdown.append(_stop_batch)  # a drain gives batch leases back before requests are cut
