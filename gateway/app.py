@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import admin_api, batch_api, handlers
+from . import admin_api, batch_api, handlers, openai_batches
 from . import appkeys as K
 from . import config as cfg
 from .admin import Admin, open_admin_store
@@ -64,6 +64,7 @@ def create_app(
     routes.add_get("/metrics", handlers.metrics)
     routes.add_get("/v1/usage", handlers.usage)
     routes.add_get("/openapi.json", handlers.openapi)
+    openai_batches.add_routes(routes)  # first: its job-file ids are matched before the files API's
     batch_api.add_routes(routes)
     admin_api.add_routes(routes)
     routes.add_unmatched()  # last: it matches every path

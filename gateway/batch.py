@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import random
+import secrets
 import struct
 import time
 import uuid
@@ -91,15 +92,35 @@ def unpack_outputs(blob: bytes) -> list[LineOutput]:
     return out
 
 
-def render_outputs(blob: bytes) -> bytes:
-    """JSONL output lines; each body is byte for byte what `/v1/embeddings` answers for the line's request."""
-    parts = []
-    for r in unpack_outputs(blob):
-        body = render_embeddings(r.model, r.vectors, r.tokens, r.output)
-        parts.append(
-            b'{"custom_id":' + orjson.dumps(r.custom_id) + b',"response":{"status_code":200,"body":' + body + b"}}\n"
-        )
-    return b"".join(parts)
+def render_outputs(blob: bytes, line: Callable[[str, bytes], bytes] | None = None) -> bytes:
+    """JSONL output lines; each body is byte for byte what `/v1/embeddings` answers for the line's request.
+    `line(custom_id, body)` renders one line (the contract's shape unless given)."""
+    render = line or _contract_line
+    return b"".join(
+        render(r.custom_id, render_embeddings(r.model, r.vectors, r.tokens, r.output)) for r in unpack_outputs(blob)
+    )
+
+
+def _contract_line(custom_id: str, body: bytes) -> bytes:
+    return b'{"custom_id":' + orjson.dumps(custom_id) + b',"response":{"status_code":200,"body":' + body + b"}}\n"
+
+
+def new_job(
+    team: str, model: str, endpoint: str, window: str, file_id: str, lines: list[Line], errors: list[LineError],
+    batch: cfg.Batch, *, metadata: str = "",
+) -> Job:
+    """A job over checked lines, as either Batch API creates it; with no valid line it has already failed."""
+    now = int(time.time())
+    job = Job(
+        id="batch_" + secrets.token_hex(12), team=team, model=model, endpoint=endpoint,
+        completion_window=window, input_file_id=file_id, status="validating", created_at=now,
+        total=len(lines) + len(errors), failed=len(errors), chunks=-(-len(lines) // batch.chunk_lines),
+        metadata=metadata,
+    )
+    if not lines:  # nothing to run: the job ends at once, its reasons in the errors stream
+        job.status, job.failed_at, job.expires_at = "failed", now, now + batch.retention_s
+        job.error = "no line is valid; see the errors stream"
+    return job
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +186,17 @@ class BatchWorker:
     def wake(self) -> None:
         """A job was just accepted here: look for work now rather than at the next poll."""
         self._wake.set()
+
+    async def submit(self, job: Job, chunks: Sequence[bytes], errors: Sequence[LineError]) -> None:
+        """Stores a new job (429 when its team has `max_active_jobs_per_team` queued or running) and wakes."""
+        limit = self.batch.max_active_jobs_per_team
+        if not await self.store.create_job(job, chunks, b"".join(e.render() for e in errors), limit):
+            raise GatewayError(
+                f"team {job.team!r} already has {limit} batch jobs queued or running; wait for one to end or "
+                "cancel one",
+                code="TOO_MANY_BATCH_JOBS", status=429,
+            )
+        self.wake()
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stops taking jobs, stops the running ones and releases their leases (another replica resumes them
@@ -363,7 +395,8 @@ class BatchWorker:
     async def _embed_step(self, team: cfg.Team, lines: list[Line]) -> list[LineOutput | LineError]:
         """Lines with the same parameters share calls (one cache lookup, one quota reservation per call);
         late-chunking / multivector lines are units and go alone. Results come back in line order."""
-        requests = [parse_embedding_request(x.body, max_inputs=1 << 30) for x in lines]
+        # Checked when the job was created (token ids only if the upstream reads them).
+        requests = [parse_embedding_request(x.body, max_inputs=1 << 30, token_ids=True) for x in lines]
         calls = self._plan(requests)
         answers = await asyncio.gather(
             *(self._call(team, [lines[i] for i in c], [requests[i] for i in c]) for c in calls)

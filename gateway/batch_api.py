@@ -1,4 +1,5 @@
-"""HTTP handlers of the Batch API: files (`/v1/files`) and batch jobs (`/v1/batch/...`, `/v1/batches`).
+"""HTTP handlers of the Batch API: files (`/v1/files`) and batch jobs (`/v1/batch/...`); OpenAI's view of the
+same jobs (`/v1/batches`) is openai_batches.py.
 
 Every id is looked up under the caller's team, so another team's file or job answers 404.
 """
@@ -6,7 +7,6 @@ Every id is looked up under the caller's team, so another team's file or job ans
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 import time
 from typing import Any
@@ -16,16 +16,14 @@ from aiohttp import BodyPartReader, web
 
 from . import appkeys as K
 from . import config as cfg
-from .batch import render_outputs
+from .batch import new_job, render_outputs
 from .errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, ValidationFailed
-from .files import ENDPOINTS, Line, LineError, Rules, check_unique, count_lines, encode_chunk, parse_file, parse_inline
+from .files import ENDPOINTS, Rules, check_window, count_lines, prepare
 from .incoming import principal_of, read_body
 from .jobs import FileMeta, Job, Stream
 from .middleware import Routes
 from .protocol import parse_json_object
 
-_WINDOW = re.compile(r"[1-9][0-9]{0,2}h")
-_MAX_WINDOW_H = 720  # 30 days: a job still not done by then is stuck, not slow
 _READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 
 
@@ -35,7 +33,6 @@ def add_routes(router: Routes) -> None:
     router.add_get("/v1/files/{file_id}/content", file_content)
     router.add_delete("/v1/files/{file_id}", delete_file)
     router.add_post("/v1/batch/embeddings", create_batch)
-    router.add_get("/v1/batches", list_batches)
     router.add_get("/v1/batch/{batch_id}", get_batch)
     router.add_delete("/v1/batch/{batch_id}", cancel_batch)
     router.add_get("/v1/batch/{batch_id}/output", batch_output)
@@ -144,20 +141,13 @@ async def create_batch(request: web.Request) -> web.Response:
     body = parse_json_object(await read_body(request))
     model, endpoint, window = _job_fields(body)
     max_inputs = min(config.limits.max_inputs_per_request, team.max_inputs_per_request or 1 << 30)
-    rules = Rules(model=model, max_inputs=max_inputs, models=team.models)
+    rules = Rules(model=model, max_inputs=max_inputs, models=team.models,
+                  token_ids=config.reads_token_ids)
     file_id, source, field = await _source(request, team, body)
     # Checking 50,000 lines takes a few hundred milliseconds that interactive requests must not wait for.
-    lines, errors, chunks = await asyncio.to_thread(_prepare, source, rules, field, config.batch.chunk_lines)
-    job = _new_job(team, model, endpoint, window, file_id, lines, errors, config.batch)
-    error_lines = b"".join(e.render() for e in errors)
-    store = request.app[K.JOB_STORE]
-    if not await store.create_job(job, chunks, error_lines, config.batch.max_active_jobs_per_team):
-        raise GatewayError(
-            f"team {team.name!r} already has {config.batch.max_active_jobs_per_team} batch jobs queued or "
-            "running; wait for one to end or cancel one",
-            code="TOO_MANY_BATCH_JOBS", status=429,
-        )
-    request.app[K.BATCH_WORKER].wake()
+    lines, errors, chunks = await asyncio.to_thread(prepare, source, rules, field, config.batch.chunk_lines)
+    job = new_job(team.name, model, endpoint, window, file_id, lines, errors, config.batch)
+    await request.app[K.BATCH_WORKER].submit(job, chunks, errors)
     return _json(job.public(), status=202)
 
 
@@ -168,10 +158,7 @@ def _job_fields(body: dict[str, Any]) -> tuple[str, str, str]:
     endpoint = body.get("endpoint", ENDPOINTS[0])
     if endpoint not in ENDPOINTS:
         raise ValidationFailed("endpoint", f"must be {ENDPOINTS[0]}")
-    window = body.get("completion_window", "24h")
-    if not isinstance(window, str) or not _WINDOW.fullmatch(window) or int(window[:-1]) > _MAX_WINDOW_H:
-        raise ValidationFailed("completion_window", f"must be hours from 1h to {_MAX_WINDOW_H}h, like '24h'")
-    return model, ENDPOINTS[0], window
+    return model, ENDPOINTS[0], check_window(body.get("completion_window", "24h"))
 
 
 async def _source(
@@ -194,32 +181,6 @@ async def _source(
     return "", inline, "input"
 
 
-def _prepare(
-    source: bytes | list[Any], rules: Rules, field: str, chunk_lines: int
-) -> tuple[list[Line], list[LineError], list[bytes]]:
-    """Checks every line, refuses duplicate custom_ids, and packs the valid lines into chunks."""
-    lines, errors = parse_file(source, rules) if isinstance(source, bytes) else parse_inline(source, rules)
-    check_unique(lines, errors, field)
-    chunks = [encode_chunk(lines[i : i + chunk_lines]) for i in range(0, len(lines), chunk_lines)]
-    return lines, errors, chunks
-
-
-def _new_job(
-    team: cfg.Team, model: str, endpoint: str, window: str, file_id: str, lines: list[Line],
-    errors: list[LineError], batch: cfg.Batch,
-) -> Job:
-    now = _now()
-    job = Job(
-        id="batch_" + secrets.token_hex(12), team=team.name, model=model, endpoint=endpoint,
-        completion_window=window, input_file_id=file_id, status="validating", created_at=now,
-        total=len(lines) + len(errors), failed=len(errors), chunks=-(-len(lines) // batch.chunk_lines),
-    )
-    if not lines:  # nothing to run: the job ends at once, its reasons in the errors stream
-        job.status, job.failed_at, job.expires_at = "failed", now, now + batch.retention_s
-        job.error = "no line is valid; see the errors stream"
-    return job
-
-
 async def _job(request: web.Request) -> Job:
     job_id = request.match_info["batch_id"]
     job = await request.app[K.JOB_STORE].get_job(_team(request).name, job_id)
@@ -238,22 +199,6 @@ async def cancel_batch(request: web.Request) -> web.Response:
     if await store.cancel(team, job_id, _now()) is None:
         raise NotFound(f"no batch job {job_id!r}")
     return _json((await _job(request)).public())
-
-
-async def list_batches(request: web.Request) -> web.Response:
-    raw_limit = request.query.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
-        raise ValidationFailed("limit", "must be an integer from 1 to 100")
-    jobs, more = await request.app[K.JOB_STORE].list_jobs(
-        _team(request).name, limit=int(raw_limit), after=request.query.get("after")
-    )
-    return _json({
-        "object": "list",
-        "data": [j.public() for j in jobs],
-        "first_id": jobs[0].id if jobs else None,
-        "last_id": jobs[-1].id if jobs else None,
-        "has_more": more,
-    })
 
 
 async def batch_output(request: web.Request) -> web.StreamResponse:

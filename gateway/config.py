@@ -357,6 +357,12 @@ class Config:
         """Every upstream: the `upstreams:` list, or the single `upstream:` block."""
         return self.upstreams or (self.upstream,)
 
+    def reads_token_ids(self, model: str) -> bool:
+        """Whether every upstream that may serve `model` reads inputs given as tokenizer ids (Jina's do not)."""
+        serving = [u for u in self.routes if u.models is not None and model in u.models]
+        serving = serving or [u for u in self.routes if u.models is None]
+        return bool(serving) and all(u.wire != "jina" for u in serving)
+
 
 _COMMENT = re.compile(r"(?:^|\s)#")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

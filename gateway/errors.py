@@ -1,11 +1,33 @@
 """The few exceptions that carry what a client must be told; one middleware turns them into responses.
 
-Bodies follow the upstream's error shape: `{"detail": ..., "code": ...}`, plus `errors` on 422.
+Every error body is `error_body`'s: Jina's `{"detail", "code"}` (plus `errors` on 422) and OpenAI's
+`{"error": {"message", "type", "code", "param"}}` side by side, so each client library finds its reason.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+# OpenAI's error `type` for each status (what its SDKs and LiteLLM read); 5xx are "server_error".
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(status: int, detail: str, code: str, *, param: str | None = None) -> dict[str, Any]:
+    """The one error body shape: Jina's fields and OpenAI's `error` object, with the same reason."""
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"detail": detail, "code": code, "error": {"message": detail, "type": kind, "code": code, "param": param}}
 
 
 class GatewayError(Exception):
@@ -29,7 +51,7 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"detail": self.detail, "code": self.code}
+        return error_body(self.status, self.detail, self.code)
 
 
 class BadRequest(GatewayError):
@@ -47,7 +69,9 @@ class ValidationFailed(GatewayError):
         self.message = message
 
     def body(self) -> dict[str, Any]:
-        return {**super().body(), "errors": [{"field": self.field, "message": self.message}]}
+        body = error_body(self.status, self.detail, self.code, param=self.field)
+        body["errors"] = [{"field": self.field, "message": self.message}]
+        return body
 
 
 class Unauthorized(GatewayError):
@@ -108,16 +132,22 @@ class StateUnavailable(GatewayError):
 
 
 class UpstreamRejected(GatewayError):
-    """The upstream refused the request (4xx other than 429): its status and body are passed through."""
+    """The upstream refused the request (4xx other than 429): its status and body are passed through, with the
+    fields of `error_body` that it lacks (OpenAI's `error` for a Jina upstream, `detail`/`code` for an OpenAI one)."""
 
     def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        detail = str(body.get("detail") or body.get("error") or f"upstream answered {status}")
+        error = body.get("error")
+        reason = error.get("message") if isinstance(error, dict) else error
+        detail = str(body.get("detail") or reason or f"upstream answered {status}")
         super().__init__(detail, status=status, code=str(body.get("code") or "UPSTREAM_REJECTED"))
         self.upstream_body = body
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return self.upstream_body
+        body = {**error_body(self.status, self.detail, self.code), **self.upstream_body}
+        if not isinstance(body["error"], dict):  # an upstream's own `error` that is not OpenAI's object
+            body["error"] = error_body(self.status, self.detail, self.code)["error"]
+        return body
 
 
 class UpstreamFailed(GatewayError):

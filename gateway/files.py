@@ -4,7 +4,8 @@ becomes an error line (with its number and the reason) while the others run; and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,8 @@ from .errors import GatewayError, ValidationFailed
 from .protocol import parse_embedding_request
 
 ENDPOINTS = ("/v1/embeddings", "/embeddings")
+_WINDOW = re.compile(r"[1-9][0-9]{0,2}h")
+_MAX_WINDOW_H = 720  # 30 days: a job still not done by then is stuck, not slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,8 @@ class Rules:
     model: str
     max_inputs: int
     models: tuple[str, ...] | None = None
+    # Whether the upstreams serving a model read inputs given as tokenizer ids (`Config.reads_token_ids`).
+    token_ids: bool | Callable[[str], bool] = False
 
 
 def numbered_lines(content: bytes) -> Iterable[tuple[int, bytes]]:
@@ -101,7 +106,7 @@ def check_line(number: int, value: Any, rules: Rules) -> Line | LineError:
     if body.get("model") is None:
         body = {**body, "model": rules.model}
     try:
-        request = parse_embedding_request(body, max_inputs=rules.max_inputs)
+        request = parse_embedding_request(body, max_inputs=rules.max_inputs, token_ids=rules.token_ids)
     except GatewayError as exc:
         return bad(exc.detail, exc.code)
     if rules.models is not None and request.model not in rules.models:
@@ -125,3 +130,20 @@ def encode_chunk(lines: Sequence[Line]) -> bytes:
 
 def decode_chunk(blob: bytes) -> list[Line]:
     return [Line(number, custom_id, body) for number, custom_id, body in orjson.loads(blob)]
+
+
+def check_window(window: Any) -> str:
+    """A job's `completion_window`: whole hours, like '24h'."""
+    if not isinstance(window, str) or not _WINDOW.fullmatch(window) or int(window[:-1]) > _MAX_WINDOW_H:
+        raise ValidationFailed("completion_window", f"must be hours from 1h to {_MAX_WINDOW_H}h, like '24h'")
+    return window
+
+
+def prepare(
+    source: bytes | list[Any], rules: Rules, field: str, chunk_lines: int
+) -> tuple[list[Line], list[LineError], list[bytes]]:
+    """Checks every line, refuses duplicate custom_ids, and packs the valid lines into chunks."""
+    lines, errors = parse_file(source, rules) if isinstance(source, bytes) else parse_inline(source, rules)
+    check_unique(lines, errors, field)
+    chunks = [encode_chunk(lines[i : i + chunk_lines]) for i in range(0, len(lines), chunk_lines)]
+    return lines, errors, chunks

@@ -36,7 +36,8 @@ async def embeddings(request: web.Request) -> web.Response:
     config = app[K.LIVE].config
     started = time.monotonic()  # the request's deadline counts from here, the body's reading included
     try:
-        req = parse_embedding_request(parse_json_object(await read_body(request)), max_inputs=_max_inputs(config, team))
+        req = parse_embedding_request(parse_json_object(await read_body(request)), max_inputs=_max_inputs(config, team),
+                                      token_ids=config.reads_token_ids)
         fields = request[K.LOG_FIELDS]  # logged even when the request fails below: who asked for what
         fields["model"] = req.model
         fields["inputs"] = len(req.items)

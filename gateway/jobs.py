@@ -63,6 +63,7 @@ class Job:
     expires_at: int = 0
     error: str = ""
     error_code: str = ""
+    metadata: str = ""  # OpenAI's `metadata` (JSON text, '' for none): the Batch API gives it back as it came
 
     @property
     def deadline(self) -> int:

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from . import appkeys as K
-from .errors import GatewayError
+from .errors import GatewayError, error_body
 from .logbuffer import write_access
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -34,7 +34,7 @@ _HTTP_CODES = {
 def json_error(status: int, detail: str, code: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
-        body=orjson.dumps({"detail": detail, "code": code}),
+        body=orjson.dumps(error_body(status, detail, code)),
         content_type="application/json",
         headers=headers,
     )

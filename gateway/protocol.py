@@ -3,6 +3,7 @@ alias) into one `EmbeddingRequest`, with one `orjson.loads` per request. Answers
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,10 +15,17 @@ from .render import OUTPUT_FORMATS
 OutputFormat = Literal["float", "base64", "binary", "ubinary"]
 
 # Fields that choose how the answer is rendered, not what is embedded: never part of a cache key.
-RENDER_FIELDS = frozenset({"input", "embedding_type", "encoding_format", "user"})
+# `encoding_type` is Jina's older name for `embedding_type` (what its LlamaIndex integration sends).
+RENDER_FIELDS = frozenset({"input", "embedding_type", "encoding_type", "encoding_format", "user"})
 _BOOL_FIELDS = ("normalized", "late_chunking", "return_multivector", "truncate")
 
-Item = str | dict[str, Any]
+# A list of ints is one input as tokenizer ids (OpenAI's `input: [[15339, 1917]]`), read only by an
+# OpenAI-compatible upstream; LangChain's OpenAIEmbeddings sends these by default.
+Item = str | dict[str, Any] | list[int]
+TOKEN_IDS_REFUSED = (
+    "a list of integers is tokenizer ids, which this gateway's upstream cannot read: send the text itself "
+    "(LangChain's OpenAIEmbeddings sends ids unless it is given check_embedding_ctx_length=False)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +53,16 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def parse_embedding_request(body: dict[str, Any], *, max_inputs: int) -> EmbeddingRequest:
+def parse_embedding_request(
+    body: dict[str, Any], *, max_inputs: int, token_ids: bool | Callable[[str], bool] = False
+) -> EmbeddingRequest:
+    """`token_ids`: whether the upstreams serving the model read inputs given as tokenizer ids (OpenAI-compatible
+    ones do, Jina's not), or a function of the model that says it (`Config.reads_token_ids`)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ValidationFailed("model", "required, a non-empty string")
-    items = _parse_input(body.get("input"), max_inputs)
+    reads_ids = token_ids if isinstance(token_ids, bool) else token_ids(model)
+    items = _parse_input(body.get("input"), max_inputs, reads_ids)
     output = _parse_output(body)
     _check_types(body)
     params = {k: v for k, v in body.items() if k not in RENDER_FIELDS}
@@ -57,10 +70,11 @@ def parse_embedding_request(body: dict[str, Any], *, max_inputs: int) -> Embeddi
     return EmbeddingRequest(model=model, items=items, params=params, output=output, unit=unit)
 
 
-def _parse_input(value: Any, max_inputs: int) -> list[Item]:
+def _parse_input(value: Any, max_inputs: int, token_ids: bool) -> list[Item]:
     if value is None:
         raise ValidationFailed("input", "required: a string, a list of strings, or a list of objects")
-    items = [value] if isinstance(value, str | dict) else value
+    one = isinstance(value, str | dict) or (isinstance(value, list) and value and type(value[0]) is int)
+    items = [value] if one else value
     if not isinstance(items, list):
         raise ValidationFailed("input", "must be a string, a list of strings, or a list of objects")
     if not items:
@@ -73,20 +87,45 @@ def _parse_input(value: Any, max_inputs: int) -> list[Item]:
         if isinstance(item, str):
             if not item:
                 raise ValidationFailed(f"input[{i}]", "must not be an empty string")
+        elif isinstance(item, list):
+            _check_token_ids(f"input[{i}]", item, token_ids)
         elif not isinstance(item, dict) or not item:
             raise ValidationFailed(f"input[{i}]", "must be a non-empty string or a non-empty object")
     return items
 
 
+def _check_token_ids(field: str, ids: list[Any], token_ids: bool) -> None:
+    if not ids or not all(type(t) is int and t >= 0 for t in ids):
+        raise ValidationFailed(field, "a token array must be a non-empty list of non-negative integers")
+    if not token_ids:
+        raise ValidationFailed(field, TOKEN_IDS_REFUSED)
+
+
 def _parse_output(body: dict[str, Any]) -> OutputFormat:
-    for name in ("embedding_type", "encoding_format"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if value not in OUTPUT_FORMATS:
-            raise ValidationFailed(name, f"must be one of {', '.join(OUTPUT_FORMATS)}")
-        return value  # type: ignore[no-any-return]
-    return "float"
+    """Jina's field (`embedding_type`, or its alias `encoding_type`) wins over OpenAI's `encoding_format`."""
+    value, alias = body.get("embedding_type"), body.get("encoding_type")
+    if alias is not None:
+        output = _output_value("encoding_type", alias)
+        if value is not None and _output_value("embedding_type", value) != output:
+            raise ValidationFailed(
+                "encoding_type", "embedding_type and its alias encoding_type ask for different formats; give one"
+            )
+        return output
+    if value is not None:
+        return _output_value("embedding_type", value)
+    value = body.get("encoding_format")
+    return "float" if value is None else _output_value("encoding_format", value)
+
+
+def _output_value(name: str, value: Any) -> OutputFormat:
+    """One format, as a string or (Jina's form) a list of one."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    elif isinstance(value, list):
+        raise ValidationFailed(name, f"one output format per request, as a string or a list of one; got {value!r}")
+    if value not in OUTPUT_FORMATS:
+        raise ValidationFailed(name, f"must be one of {', '.join(OUTPUT_FORMATS)}")
+    return value  # type: ignore[no-any-return]
 
 
 def _check_types(body: dict[str, Any]) -> None:
@@ -105,7 +144,9 @@ def _check_types(body: dict[str, Any]) -> None:
 
 
 def canonical_item(item: Item) -> bytes:
-    """A byte string that identifies an input: text as UTF-8, objects as sorted-key JSON (tagged apart)."""
+    """A byte string that identifies an input: text as UTF-8, token ids and objects as JSON (tagged apart)."""
     if isinstance(item, str):
         return b"s" + item.encode("utf-8", "surrogatepass")
+    if isinstance(item, list):
+        return b"t" + orjson.dumps(item)
     return b"o" + orjson.dumps(item, option=orjson.OPT_SORT_KEYS)

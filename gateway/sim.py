@@ -24,7 +24,7 @@ import xxhash
 from aiohttp import web
 
 Vector = npt.NDArray[np.float32]
-Item = str | dict[str, Any]
+Item = str | dict[str, Any] | list[int]
 
 NATIVE_DIMS: Final[dict[str, int]] = {
     "jina-embeddings-v5-text-small": 1024,
@@ -171,7 +171,11 @@ def _check_model(body: dict[str, Any]) -> str:
     return model.rsplit("/", 1)[-1]
 
 
-def _check_item(item: Any, name: str) -> Item:
+def _check_item(item: Any, name: str, token_ids: bool) -> Item:
+    if token_ids and isinstance(item, list):
+        if not item or not all(type(t) is int and t >= 0 for t in item):
+            raise _invalid(name, "must be a non-empty list of token ids")
+        return item
     if isinstance(item, str):
         if not item:
             raise _invalid(name, "must not be empty")
@@ -186,17 +190,17 @@ def _check_item(item: Any, name: str) -> Item:
     return item
 
 
-def _check_input(body: dict[str, Any], limit: int) -> list[Item]:
+def _check_input(body: dict[str, Any], limit: int, token_ids: bool) -> list[Item]:
     value = body.get("input")
     if value is None:
         raise _invalid("input", "field required")
-    if isinstance(value, str):
-        return [_check_item(value, "input")]
+    if isinstance(value, str) or (token_ids and isinstance(value, list) and value and type(value[0]) is int):
+        return [_check_item(value, "input", token_ids)]
     if not isinstance(value, list) or not value:
         raise _invalid("input", "must be a string or a non-empty list")
     if len(value) > limit:
         raise _invalid("input", f"at most {limit} inputs per request, got {len(value)}")
-    return [_check_item(item, f"input[{i}]") for i, item in enumerate(value)]
+    return [_check_item(item, f"input[{i}]", token_ids) for i, item in enumerate(value)]
 
 
 def _check_dimensions(body: dict[str, Any], native: int) -> int:
@@ -215,6 +219,8 @@ def _output_format(body: dict[str, Any]) -> str:
 
 
 def _item_tokens(item: Item) -> int:
+    if isinstance(item, list):
+        return len(item)  # tokenizer ids: one token each
     if isinstance(item, str):
         return len(_TOKEN_RE.findall(item)) + 2
     if "text" in item:
@@ -246,7 +252,7 @@ def _parse(body: Any, config: SimConfig) -> _Parsed:
     if not isinstance(body, dict):
         raise _invalid("body", "must be a JSON object")
     model = _check_model(body)
-    items = _check_input(body, _max_inputs(config, model))
+    items = _check_input(body, _max_inputs(config, model), config.kind != "jina")
     flags = {name: _optional(body, name, bool, "a boolean") for name in _BOOL_FIELDS}
     return _Parsed(
         model=model,

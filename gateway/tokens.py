@@ -17,10 +17,12 @@ IMAGE_TOKENS = 1000
 PDF_TOKENS = 2000
 
 
-def estimate(item: str | dict[str, Any]) -> int:
-    """A cheap upper-leaning estimate: about 4 UTF-8 bytes per token, never tokenizes."""
+def estimate(item: str | dict[str, Any] | list[int]) -> int:
+    """A cheap upper-leaning estimate: about 4 UTF-8 bytes per token, never tokenizes; token ids are exact."""
     if isinstance(item, str):
         return _text_estimate(item)
+    if isinstance(item, list):
+        return len(item)
     if "text" in item and isinstance(item["text"], str) and len(item) == 1:
         return _text_estimate(item["text"])
     if "image" in item:

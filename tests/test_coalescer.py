@@ -400,7 +400,8 @@ async def test_an_invalid_input_fails_only_its_caller(rig: Make) -> None:
         assert np.array_equal(vectors(reply)[1], alone(r.sim, "also asked by others"))
     assert rejected.status == 422
     want = {"detail": "input[1]: 62 tokens exceed the limit of 20; set truncate to cut it", "code": "VALIDATION_ERROR"}
-    assert rejected.body == {**want, "errors": [{"field": "input[1]", "message": want["detail"]}]}
+    openai = {"message": want["detail"], "type": "invalid_request_error", "code": "VALIDATION_ERROR", "param": None}
+    assert rejected.body == {**want, "errors": [{"field": "input[1]", "message": want["detail"]}], "error": openai}
     # The merged call is refused; it goes again without the culprit's inputs, except the one others wait for.
     assert [len(q["input"]) for q in r.sim.requests] == [1, 7, 5] and r.sim.ok_calls == 2
     assert set(r.sim.requests[2]["input"]) == {text("good", i) for i in range(4)} | {"also asked by others"}
@@ -428,7 +429,8 @@ async def test_a_vague_rejection_is_bisected_by_caller(rig: Make) -> None:
     r.gate.open()
     replies = await asyncio.gather(opener, *callers)
     assert [x.status for x in replies] == [200, 200, 200, 400, 200]
-    assert replies[3].body == {"detail": "an input is too long", "code": "BAD_INPUT"}
+    assert replies[3].body == {"detail": "an input is too long", "code": "BAD_INPUT", "error": {
+        "message": "an input is too long", "type": "invalid_request_error", "code": "BAD_INPUT", "param": None}}
     # merged (4 callers) → halves of 2 → the refused half as 2 single callers: 1 + 1 + 2 + 2 calls
     assert r.sim.calls == 6 and r.sim.ok_calls == 3
 
@@ -551,7 +553,9 @@ async def test_a_full_queue_answers_503_and_stays_bounded(rig: Make) -> None:
     overloaded = [await in_order[i] for i in range(24)]  # the refused ones answer while the gate is shut
     assert [x.status for x in overloaded] == [503] * 24
     assert all(x.headers["Retry-After"] == "1" for x in overloaded)
-    assert all(set(x.body) == {"detail", "code"} and x.body["code"] == "OVERLOADED" for x in overloaded)
+    assert all(set(x.body) == {"detail", "code", "error"} and x.body["code"] == "OVERLOADED" for x in overloaded)
+    assert all(x.body["error"] == {"message": x.body["detail"], "type": "server_error", "code": "OVERLOADED",
+                                   "param": None} for x in overloaded)
     assert r.coalescer.pending_inputs == 19 and r.coalescer.peak_inputs == 19
     joiner = ask(r.client, ["opener"])  # only joins an input in flight: admitted, takes no room
     await r.probe.registered.reach(8)

@@ -20,6 +20,12 @@ def assert_error_shape(raw: bytes, code: str) -> dict[str, Any]:
     assert isinstance(body, dict)
     assert isinstance(body["detail"], str) and body["detail"]
     assert body["code"] == code
+    # OpenAI's shape beside Jina's, with the same reason (its SDK puts error.message in the exception text).
+    error = body["error"]
+    assert error["message"] == body["detail"] and error["code"] == code and error["param"] == (
+        body["errors"][0]["field"] if "errors" in body else None)
+    assert error["type"] in ("invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+                             "rate_limit_error", "timeout_error", "server_error")
     return body
 
 
@@ -37,7 +43,7 @@ async def test_missing_or_wrong_key_is_401(gateway: Gateway, headers: dict[str, 
     client = await gateway()
     resp = await client.post("/v1/embeddings", json={"model": MODEL, "input": ["x"]}, headers=headers)
     assert resp.status == 401
-    assert_error_shape(await resp.read(), code)
+    assert assert_error_shape(await resp.read(), code)["error"]["type"] == "authentication_error"
     assert sim_of(client).calls == 0
 
 
@@ -190,3 +196,24 @@ async def test_no_response_or_metric_contains_the_upstream_key(gateway: Gateway)
     for blob in seen:
         assert UPSTREAM_KEY.encode() not in blob
         assert TEAM_A_KEY.encode() not in blob
+
+
+@pytest.mark.parametrize(
+    ("upstream_body", "detail"),
+    [
+        ({"detail": "input too odd", "code": "BAD_INPUT"}, "input too odd"),
+        ({"error": {"message": "input too odd", "type": "invalid_request_error", "code": None, "param": "input"}},
+         "input too odd"),
+    ],
+)
+async def test_an_upstream_refusal_reads_in_both_shapes(
+    gateway: Gateway, upstream_body: dict[str, Any], detail: str
+) -> None:
+    client = await gateway()
+    sim_of(client).inject(Fault(kind="status", status=400, body=upstream_body))
+    resp = await client.post("/v1/embeddings", json={"model": MODEL, "input": ["x"]}, headers=auth())
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["detail"] == detail and body["error"]["message"] == detail
+    for name, value in upstream_body.items():  # the upstream's own fields, as it sent them
+        assert body[name] == value
