@@ -61,8 +61,7 @@ def parse_embedding_request(
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ValidationFailed("model", "required, a non-empty string")
-    reads_ids = token_ids if isinstance(token_ids, bool) else token_ids(model)
-    items = _parse_input(body.get("input"), max_inputs, reads_ids)
+    items = _parse_input(body.get("input"), max_inputs, token_ids, model)
     output = _parse_output(body)
     _check_types(body)
     params = {k: v for k, v in body.items() if k not in RENDER_FIELDS}
@@ -70,7 +69,7 @@ def parse_embedding_request(
     return EmbeddingRequest(model=model, items=items, params=params, output=output, unit=unit)
 
 
-def _parse_input(value: Any, max_inputs: int, token_ids: bool) -> list[Item]:
+def _parse_input(value: Any, max_inputs: int, token_ids: bool | Callable[[str], bool], model: str) -> list[Item]:
     if value is None:
         raise ValidationFailed("input", "required: a string, a list of strings, or a list of objects")
     one = isinstance(value, str | dict) or (isinstance(value, list) and value and type(value[0]) is int)
@@ -88,7 +87,7 @@ def _parse_input(value: Any, max_inputs: int, token_ids: bool) -> list[Item]:
             if not item:
                 raise ValidationFailed(f"input[{i}]", "must not be an empty string")
         elif isinstance(item, list):
-            _check_token_ids(f"input[{i}]", item, token_ids)
+            _check_token_ids(f"input[{i}]", item, token_ids if isinstance(token_ids, bool) else token_ids(model))
         elif not isinstance(item, dict) or not item:
             raise ValidationFailed(f"input[{i}]", "must be a non-empty string or a non-empty object")
     return items
