@@ -28,6 +28,7 @@ from .live import LiveConfig
 from .metrics import Metrics, replace
 from .middleware import Routes
 from .pacing import MemoryPacingBackend, Pacer, PacingBackend, RedisPacingBackend, budget_id
+from .protocol import ParseMemo
 from .quota import STORE_ERRORS, MemoryQuotaBackend, QuotaBackend, QuotaGate, RedisQuotaBackend, budget_prices
 from .service import EmbeddingService
 from .sim import SimConfig, Simulator, start_sim
@@ -92,6 +93,8 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
         on_error=lambda op: metrics.store_errors.labels("cache", op).inc(),
     )
     app[K.CACHE] = cache
+    memo = app[K.PARSE_MEMO] = ParseMemo(config.cache.hot_requests_max_bytes)
+    live.on_change(lambda _: memo.clear())  # parsing's rules come from the config
     metrics.on_scrape(functools.partial(_local_snapshot, cache, metrics), name="hot_cache")
     state_redis = _state_client(config.state)
     app[K.STATE_REDIS] = state_redis

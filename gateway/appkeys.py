@@ -15,6 +15,7 @@ from .coalescer import Coalescer
 from .jobs import JobStore
 from .live import LiveConfig
 from .metrics import Metrics
+from .protocol import ParseMemo
 from .quota import Clock, QuotaGate
 from .service import EmbeddingService
 from .sim import Simulator
@@ -30,6 +31,8 @@ METRICS = web.AppKey("metrics", Metrics)
 CACHE_STORE: web.AppKey[CacheStore | None] = web.AppKey("cache_store")
 CACHE = web.AppKey("cache", EmbeddingCache)
 COALESCER = web.AppKey("coalescer", Coalescer)
+# Recently parsed request bodies (emptied by a config reload).
+PARSE_MEMO = web.AppKey("parse_memo", ParseMemo)
 SERVICE = web.AppKey("service", EmbeddingService)
 USAGE = web.AppKey("usage", UsageRecorder)
 QUOTA = web.AppKey("quota", QuotaGate)

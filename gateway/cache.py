@@ -34,6 +34,14 @@ def key_prefix(request: EmbeddingRequest, team: str | None) -> bytes:
     return request.canonical_params + b"\x00" + team_part + b"\x00"
 
 
+def request_keys(request: EmbeddingRequest, prefix: bytes) -> list[bytes]:
+    """`item_keys` of the request's items, made once per request and prefix and kept with the request."""
+    keys = request.keys.get(prefix)
+    if keys is None:
+        keys = request.keys[prefix] = item_keys(prefix, request.items)
+    return keys
+
+
 def item_keys(prefix: bytes, items: Sequence[Item]) -> list[bytes]:
     """xxh3-128 of prefix + canonical item, one call per item (the same digest as hashing the two parts in
     a stream, without a hasher object per item); text items skip `canonical_item`'s call."""

@@ -189,8 +189,8 @@ class Cache:
     redis: RedisOptions = field(default_factory=RedisOptions)
     # In-process LRU of hot entries (decoded, with their renderings) in front of a Redis cache; 0 = off.
     hot_max_bytes: Zeroable = 64 * 1024 * 1024
-    # In-process LRU of request bodies answered whole from the hot tier → their keys, so an exact repeat skips
-    # decoding, validation and hashing; 0 = off (it is off with the hot tier).
+    # In-process memo of recently parsed request bodies → the parsed request and its keys, so an exact repeat
+    # skips decoding, validation and hashing; 0 = off.
     hot_requests_max_bytes: Zeroable = 16 * 1024 * 1024
 
 

@@ -21,7 +21,6 @@ from .auth import Principal
 from .budget import budget_rows
 from .errors import Forbidden, GatewayError, StateUnavailable
 from .incoming import principal_of, read_body
-from .protocol import parse_embedding_request, parse_json_object
 from .quota import STORE_ERRORS, Reservation
 from .service import Outcome
 from .usage import build_report, parse_query
@@ -36,8 +35,8 @@ async def embeddings(request: web.Request) -> web.Response:
     config = app[K.LIVE].config
     started = time.monotonic()  # the request's deadline counts from here, the body's reading included
     try:
-        req = parse_embedding_request(parse_json_object(await read_body(request)), max_inputs=_max_inputs(config, team),
-                                      token_ids=config.reads_token_ids)
+        raw = await read_body(request)
+        req = app[K.PARSE_MEMO].parse(raw, max_inputs=_max_inputs(config, team), token_ids=config.reads_token_ids)
         fields = request[K.LOG_FIELDS]  # logged even when the request fails below: who asked for what
         fields["model"] = req.model
         fields["inputs"] = len(req.items)

@@ -4,12 +4,13 @@ alias) into one `EmbeddingRequest`, with one `orjson.loads` per request. Answers
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
 
 from .errors import BadRequest, ValidationFailed
+from .lru import ByteLRU
 from .render import OUTPUT_FORMATS
 
 OutputFormat = Literal["float", "base64", "binary", "ubinary"]
@@ -37,10 +38,14 @@ class EmbeddingRequest:
     output: OutputFormat
     # late_chunking / return_multivector: every vector depends on the whole list, so the list is one unit.
     unit: bool
+    # Derived once per parsed request and kept with it (a remembered request reuses them): key prefix → the
+    # items' cache keys (cache.py fills it).
+    keys: dict[bytes, list[bytes]] = field(default_factory=dict, compare=False)
 
-    @property
-    def canonical_params(self) -> bytes:
-        return orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS)
+    canonical_params: bytes = field(init=False, compare=False)  # `params` as sorted-key JSON, hashed into keys
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "canonical_params", orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS))
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -149,3 +154,35 @@ def canonical_item(item: Item) -> bytes:
     if isinstance(item, list):
         return b"t" + orjson.dumps(item)
     return b"o" + orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+
+
+# What a remembered request costs beyond its body's length: the parsed strings (about the body again), the
+# request and its containers, the LRU's node and key tuple.
+_REMEMBERED_OVERHEAD = 600
+
+
+class ParseMemo:
+    """Recently parsed bodies → their `EmbeddingRequest`: an exact repeat (the same query asked again, a retried
+    call) skips decoding, validation and hashing. Everything else a request goes through runs as for any other.
+
+    Keyed by the body and the input limit it was checked against; the other rules of parsing come from the
+    config, so a reload empties it (`clear`). Bodies stay in process memory only. `max_bytes` 0 turns it off.
+    """
+
+    def __init__(self, max_bytes: int, max_body_bytes: int = 64 * 1024) -> None:
+        self.lru: ByteLRU[tuple[bytes, int], EmbeddingRequest] = ByteLRU(max_bytes)
+        self.max_body_bytes = max_body_bytes
+
+    def parse(self, raw: bytes, *, max_inputs: int, token_ids: bool | Callable[[str], bool] = False,
+              ) -> EmbeddingRequest:
+        key = (raw, max_inputs)
+        request = self.lru.get(key)
+        if request is None:
+            request = parse_embedding_request(parse_json_object(raw), max_inputs=max_inputs, token_ids=token_ids)
+            if len(raw) <= self.max_body_bytes:
+                per_key = 16 + 33 + 8  # a cache key, its bytes object and its list slot, once keyed
+                self.lru.put(key, request, 2 * len(raw) + _REMEMBERED_OVERHEAD + per_key * len(request.items))
+        return request
+
+    def clear(self) -> None:
+        self.lru.clear()

@@ -13,7 +13,7 @@ import numpy as np
 import xxhash
 
 from . import config as cfg
-from .cache import EmbeddingCache, Held, item_keys, key_prefix, unit_key
+from .cache import EmbeddingCache, Held, key_prefix, request_keys, unit_key
 from .coalescer import Coalescer, Miss, Priority
 from .protocol import EmbeddingRequest
 from .tokens import estimate
@@ -92,7 +92,7 @@ class EmbeddingService:
         prefix = key_prefix(request, team.name if self.scope == "team" else None)
         if request.unit:
             return await self._embed_unit(team, request, prefix, deadline)
-        keys = item_keys(prefix, request.items)
+        keys = request_keys(request, prefix)
         unique = list(dict.fromkeys(keys)) if len(keys) > 1 else keys  # first occurrences, in order
         looked_up = await self.cache.get_many(unique, promote=priority == "interactive")
         found = {key: held for key, held in zip(unique, looked_up, strict=True) if held is not None}

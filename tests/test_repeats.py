@@ -10,7 +10,7 @@ import pytest
 
 from gateway import appkeys as K
 from gateway import config as cfg
-from gateway import handlers
+from gateway import protocol
 from gateway.auth import hash_key
 
 from .conftest import ADMIN_KEY, TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, base_config, sim_of, upstream_answer
@@ -20,15 +20,15 @@ MODEL = "jina-embeddings-v3"
 
 @pytest.fixture
 def parsed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts request parsing: every request is parsed, repeats included."""
+    """Counts the decoding and validation of request bodies (the parse memo spares exact repeats those)."""
     calls = [0]
-    real = handlers.parse_embedding_request
+    real = protocol.parse_embedding_request
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(handlers, "parse_embedding_request", counting)
+    monkeypatch.setattr(protocol, "parse_embedding_request", counting)
     return calls
 
 
@@ -63,7 +63,7 @@ async def test_a_repeat_is_answered_byte_for_byte_by_the_same_path(
     sim = sim_of(client)
     body = request(inputs, dimensions=32, **fmt)
     answers = [await post(client, body) for _ in range(4)]
-    assert parsed[0] == 4
+    assert parsed[0] == 1  # the repeats came from the parse memo, and went through every later step
     want = await upstream_answer(sim, orjson.loads(body))
     assert [a[2] for a in answers] == [want] * 4
     distinct = len(set(inputs))
@@ -100,9 +100,12 @@ async def test_a_repeat_is_held_to_the_asking_teams_rules(gateway: Gateway, cach
     assert status == 422 and "at most 1 allowed" in orjson.loads(raw)["errors"][0]["message"]
     statuses = [(await post(client, one, key="eg-test-team-c"))[0] for _ in range(3)]
     assert statuses == [200, 200, 429]  # repeats count against the request rate
+    assert (await post(client, two, key="eg-test-team-c"))[0] == 422  # still over the limit, remembered or not
 
 
-async def test_a_reload_that_takes_a_model_away_refuses_the_next_repeat(gateway: Gateway, cache_url: str) -> None:
+async def test_a_reload_that_takes_a_model_away_refuses_the_next_repeat(
+    gateway: Gateway, cache_url: str, parsed: list[int]
+) -> None:
     client = await gateway(cache={"url": cache_url})
     body = request(["reloaded"])
     assert (await post(client, body))[0] == 200
@@ -112,6 +115,7 @@ async def test_a_reload_that_takes_a_model_away_refuses_the_next_repeat(gateway:
     client.app[K.LIVE].swap(cfg.build(cfg.Config, base_config(cache={"url": cache_url}, teams=teams), ""))
     status, _, raw = await post(client, body)
     assert status == 403 and orjson.loads(raw)["code"] == "MODEL_NOT_ALLOWED"
+    assert parsed[0] == 2  # the reload emptied the parse memo: its rules come from the config
 
 
 async def test_a_team_scoped_cache_keeps_entries_per_team(gateway: Gateway, cache_url: str) -> None:
@@ -133,6 +137,20 @@ async def test_an_entry_that_left_the_local_tier_comes_from_redis(gateway: Gatew
     status, headers, raw = await post(client, body)
     assert status == 200 and headers["X-Cache-Hits"] == "1"
     assert raw == await upstream_answer(sim, orjson.loads(body)) and sim.calls == 1
+
+
+def test_the_parse_memo_is_bounded_and_keyed_by_the_input_limit() -> None:
+    memo = protocol.ParseMemo(max_bytes=3000)
+    one, two = request(["memo a"]), request(["memo a", "memo b"])
+    first = memo.parse(one, max_inputs=8)
+    assert memo.parse(one, max_inputs=8) is first and memo.parse(one, max_inputs=4) is not first
+    with pytest.raises(protocol.ValidationFailed):
+        memo.parse(two, max_inputs=1)  # refused whatever was remembered for other limits
+    for i in range(10):  # over the bound, the oldest go first
+        memo.parse(request([f"filler {i}"]), max_inputs=8)
+    assert memo.parse(one, max_inputs=8) is not first and memo.lru.bytes <= 3000
+    off = protocol.ParseMemo(max_bytes=0)
+    assert off.parse(one, max_inputs=8) is not off.parse(one, max_inputs=8)
 
 
 async def test_the_local_tiers_fill_is_exported(gateway: Gateway, cache_url: str) -> None:
