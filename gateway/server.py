@@ -6,12 +6,15 @@ multiprocess files.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import logging
+import logging.handlers
 import multiprocessing
 import multiprocessing.connection as mpc
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -26,8 +29,6 @@ from aiohttp import web
 
 from . import appkeys as K
 from . import config as cfg
-from . import logbuffer
-from .logbuffer import LoopBufferedHandler
 
 log = logging.getLogger("gateway")
 
@@ -266,13 +267,18 @@ def _clear(path: str) -> None:
 
 
 def setup_logging(level: str) -> None:
-    """Message-only lines on stderr, written once per event-loop turn (gateway/logbuffer.py). The access log
-    writes a line per request, so records skip what this format never prints: the caller's frame, thread and
-    process (the logging HOWTO's "Optimization" list)."""
-    handler = LoopBufferedHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
-    logbuffer.install(handler)
+    """Message-only lines on stderr, written by a `QueueListener` thread: a request's log records (the access
+    line among them) cost the event loop a queue put, never a write to a slow or blocked stderr. Handlers a
+    program attaches to a logger (`gateway.access` for a log shipper) receive its records as they are logged.
+    Records skip what this format never prints: the caller's frame, thread and process (the logging HOWTO's
+    "Optimization" list)."""
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    enqueue = logging.handlers.QueueHandler(records)
+    enqueue.setFormatter(logging.Formatter("%(message)s"))  # the message (and a traceback) is the whole line
+    listener = logging.handlers.QueueListener(records, logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=level, handlers=[enqueue])
+    listener.start()
+    atexit.register(listener.stop)  # writes what is queued before the process exits
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
