@@ -21,7 +21,7 @@ from .errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLar
 from .files import ENDPOINTS, Line, LineError, Rules, check_unique, count_lines, encode_chunk, parse_file, parse_inline
 from .handlers import principal_of, read_body
 from .jobs import FileMeta, Job, Stream
-from .middleware import Routes
+from .middleware import Routes, query_int
 from .protocol import parse_json_object
 
 _WINDOW = re.compile(r"[1-9][0-9]{0,2}h")
@@ -141,10 +141,10 @@ async def delete_file(request: web.Request) -> web.Response:
 async def create_batch(request: web.Request) -> web.Response:
     team = _team(request)
     config = request.app[K.LIVE].config
-    body = parse_json_object(await read_body(request))
+    body = parse_json_object(await read_body(request), max_depth=config.limits.max_json_depth)
     model, endpoint, window = _job_fields(body)
     max_inputs = min(config.limits.max_inputs_per_request, team.max_inputs_per_request or 1 << 30)
-    rules = Rules(model=model, max_inputs=max_inputs, models=team.models)
+    rules = Rules(model=model, max_inputs=max_inputs, models=team.models, max_depth=config.limits.max_json_depth)
     file_id, source, field = await _source(request, team, body)
     # Checking 50,000 lines takes a few hundred milliseconds that interactive requests must not wait for.
     lines, errors, chunks = await asyncio.to_thread(_prepare, source, rules, field, config.batch.chunk_lines)
@@ -241,11 +241,9 @@ async def cancel_batch(request: web.Request) -> web.Response:
 
 
 async def list_batches(request: web.Request) -> web.Response:
-    raw_limit = request.query.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
-        raise ValidationFailed("limit", "must be an integer from 1 to 100")
+    limit = query_int(request, "limit", 20, low=1, high=100)
     jobs, more = await request.app[K.JOB_STORE].list_jobs(
-        _team(request).name, limit=int(raw_limit), after=request.query.get("after")
+        _team(request).name, limit=limit, after=request.query.get("after")
     )
     return _json({
         "object": "list",

@@ -125,6 +125,14 @@ class Limits:
     max_body_bytes: int = 16 * 1024 * 1024
     max_inputs_per_request: int = 2048
     request_timeout_s: float = 60.0
+    # Deepest nesting of arrays and objects a JSON body (or batch line) may have; deeper is a 422 at parse time.
+    max_json_depth: int = 64
+    # A new connection that has not completed its first request's headers in this time is closed.
+    header_timeout_s: float = 10.0
+    # A keep-alive connection idle this long is closed (aiohttp's keepalive_timeout).
+    keepalive_timeout_s: float = 75.0
+    # Open client connections per process; one more is refused with a 503 and closed.
+    max_connections: int = 1000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -340,6 +348,8 @@ def _check_limits(config: Config) -> None:
     positive += [("upstream.limits.requests_per_minute", limits.requests_per_minute),
                  ("upstream.limits.tokens_per_minute", limits.tokens_per_minute),
                  ("upstream.limits.max_concurrency", limits.max_concurrency)]
+    positive += [("limits.max_json_depth", config.limits.max_json_depth),
+                 ("limits.max_connections", config.limits.max_connections)]
     for where, value in positive:
         if value is not None and value < 1:
             raise ConfigError(f"{where}: must be at least 1, got {value}")
@@ -352,6 +362,10 @@ def _check_limits(config: Config) -> None:
                           ("cache.hot_requests_max_bytes", config.cache.hot_requests_max_bytes)]:
         if number < 0:
             raise ConfigError(f"{where}: must not be negative, got {number}")
+    for where, seconds in [("limits.header_timeout_s", config.limits.header_timeout_s),
+                           ("limits.keepalive_timeout_s", config.limits.keepalive_timeout_s)]:
+        if seconds <= 0:
+            raise ConfigError(f"{where}: must be positive, got {seconds}")
 
 
 def _check_batch(batch: Batch) -> None:

@@ -109,7 +109,7 @@ async def _embed(
     scope: str, started: float,
 ) -> JsonAnswer:
     """The full path: decode, validate, look up each input, fetch the misses."""
-    req = parse_embedding_request(parse_json_object(raw), max_inputs=max_inputs)
+    req = parse_embedding_request(parse_json_object(raw, max_depth=config.limits.max_json_depth), max_inputs=max_inputs)
     model, inputs = req.model, len(req.items)
     # Logged even when the request fails below (429, 5xx): who asked for what is the useful part then.
     fields = request[K.LOG_FIELDS]

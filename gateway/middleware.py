@@ -20,7 +20,7 @@ from aiohttp import web
 
 from . import appkeys as K
 from .answer import JsonAnswer
-from .errors import GatewayError, Unauthorized
+from .errors import GatewayError, Unauthorized, ValidationFailed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -186,6 +186,17 @@ def write_access(fields: dict[str, object]) -> None:
         access_log.info(dumps_lenient(fields).decode(), extra={"access": fields})
     except Exception:
         log.exception("access log line not written")
+
+
+def query_int(request: web.Request, name: str, default: int, *, low: int, high: int) -> int:
+    """Query parameter `name` as an integer from `low` to `high` (`default` when absent). Anything but ASCII digits
+    (`¹` and `٣` pass `str.isdigit`), or a number out of range, is a 422 naming the parameter."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18 and low <= int(raw) <= high):
+        raise ValidationFailed(name, f"must be an integer from {low} to {high}")
+    return int(raw)
 
 
 def _wrapped(path: str, handler: Handler) -> Handler:

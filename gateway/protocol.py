@@ -45,14 +45,43 @@ class EmbeddingRequest:
         return orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS)
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
+# `limits.max_json_depth`'s default: well under orjson's serialising limit (255), which keying must never meet.
+MAX_JSON_DEPTH = 64
+
+
+def parse_json_object(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="INVALID_JSON") from exc
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="INVALID_JSON")
+    if raw.count(b"[") + raw.count(b"{") > max_depth:  # fewer brackets cannot nest that deep: no walk
+        check_depth(body, max_depth)
     return body
+
+
+def check_depth(value: Any, max_depth: int) -> None:
+    """422 naming the field (`input[0].a`) where arrays and objects nest deeper than `max_depth` levels, the
+    value itself being level 1."""
+    parents: list[tuple[int, str | int]] = [(-1, "")]  # (parent's index, key) of each container seen
+    stack: list[tuple[Any, int, int]] = [(value, 1, 0)]
+    while stack:
+        node, depth, index = stack.pop()
+        if depth > max_depth:
+            raise ValidationFailed(_path(parents, index), f"nested deeper than {max_depth} arrays and objects")
+        for key, child in node.items() if type(node) is dict else enumerate(node):
+            if type(child) is dict or type(child) is list:
+                parents.append((index, key))
+                stack.append((child, depth + 1, len(parents) - 1))
+
+
+def _path(parents: list[tuple[int, str | int]], index: int) -> str:
+    keys: list[str | int] = []
+    while index > 0:
+        index, key = parents[index]
+        keys.append(key)
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in reversed(keys)).lstrip(".") or "body"
 
 
 def parse_embedding_request(body: dict[str, Any], *, max_inputs: int) -> EmbeddingRequest:
