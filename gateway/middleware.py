@@ -125,6 +125,9 @@ def endpoint(handler: Handler, *, route: str, public: bool = False) -> Handler:
             fields["request_id_replaced"] = True  # the one sent was not printable UTF-8 text
         request[K.LOG_FIELDS] = fields
         app = request.app
+        connections = app.get(K.CONNECTIONS)
+        if connections is not None:
+            connections.started(request.transport)  # its headers are in: the header deadline is met
         in_flight = None if public else app[K.METRICS].active
         if in_flight is not None:
             in_flight.enter()

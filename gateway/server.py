@@ -29,6 +29,7 @@ from aiohttp import web
 
 from . import appkeys as K
 from . import config as cfg
+from .connections import ConnectionGuard
 
 log = logging.getLogger("gateway")
 
@@ -75,8 +76,7 @@ async def serve(
     app = create_app(config, config_path=config_path)
     live = app[K.LIVE]
     live.on_change(lambda c: logging.getLogger().setLevel(c.log_level))
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=_CANCEL_GRACE_S)
-    await runner.setup()
+    runner, listener = await start(app, host, port, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,16 +84,40 @@ async def serve(
     # Synchronous on the loop: no request runs while the config is swapped, so none sees half of two.
     loop.add_signal_handler(signal.SIGHUP, live.reload)
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
         on_ready()
         await stop.wait()
     except BaseException:
+        listener.close()
         await runner.cleanup()
         raise
-    return await drain(runner, app)
+    return await drain(runner, app, listener)
 
 
-async def drain(runner: web.AppRunner, app: web.Application) -> int:
+async def start(
+    app: web.Application, host: str, port: int, *, reuse_port: bool = False
+) -> tuple[web.AppRunner, asyncio.Server]:
+    """Sets the app up and listens on host:port with the connection limits of `limits` (idle keep-alive
+    connections through aiohttp's keepalive_timeout; the header deadline and the connection bound through
+    gateway/connections.py, since aiohttp has neither). The caller stops both: `drain()`."""
+    limits = app[K.LIVE].config.limits
+    guard = app[K.CONNECTIONS] = ConnectionGuard(
+        header_timeout_s=limits.header_timeout_s, max_connections=limits.max_connections
+    )
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=_CANCEL_GRACE_S,
+                           keepalive_timeout=limits.keepalive_timeout_s)
+    await runner.setup()
+    assert runner.server is not None
+    try:
+        listener = await asyncio.get_running_loop().create_server(
+            guard.protocol_factory(runner.server), host, port, reuse_port=reuse_port or None,
+        )
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, listener
+
+
+async def drain(runner: web.AppRunner, app: web.Application, listener: asyncio.Server) -> int:
     """Stops accepting, lets in-flight requests and pending cache writes finish, releases what others may take.
 
     Returns 0 when every request finished within `shutdown_timeout_s`, 1 when some had to be cut short.
@@ -101,8 +125,7 @@ async def drain(runner: web.AppRunner, app: web.Application) -> int:
     loop = asyncio.get_running_loop()
     timeout = app[K.LIVE].config.shutdown_timeout_s
     deadline = loop.time() + timeout
-    for site in list(runner.sites):
-        await site.stop()  # the listening socket closes: new connections go to other workers or replicas
+    listener.close()  # the listening socket closes: new connections go to other workers or replicas
     active = app[K.METRICS].active
     log.info("draining: %d requests in flight, up to %.0fs", active.count, timeout)
     worker = app.get(K.BATCH_WORKER)
