@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--latency-per-token-ms", type=float, default=0.0)
     sim.add_argument("--rpm", type=int, default=None, help="requests per minute before answering 429")
     sim.add_argument("--api-key", default=None, help="require this bearer key")
+    sim.add_argument("--bill-gone", action="store_true",
+                     help="bill answers whose caller has gone, as a real upstream does")
     sim.set_defaults(func=_sim)
     return parser
 
@@ -108,6 +110,7 @@ def _sim(args: argparse.Namespace) -> int:
             latency_per_token_ms=args.latency_per_token_ms,
             rate_limit_requests=args.rpm,
             api_key=args.api_key,
+            bill_gone=args.bill_gone,
         ),
     )
     return 0
