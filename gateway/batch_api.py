@@ -36,8 +36,10 @@ def add_routes(router: Routes) -> None:
     router.add_delete("/v1/files/{file_id}", delete_file)
     router.add_post("/v1/batch/embeddings", create_batch)
     router.add_get("/v1/batches", list_batches)
-    router.add_get("/v1/batch/{batch_id}", get_batch)
-    router.add_delete("/v1/batch/{batch_id}", cancel_batch)
+    # Never `embeddings`: other methods on POST /v1/batch/embeddings get 405 with `Allow: POST`, not this route.
+    job = "/v1/batch/{batch_id:(?!embeddings$)[^/]+}"
+    router.add_get(job, get_batch)
+    router.add_delete(job, cancel_batch)
     router.add_get("/v1/batch/{batch_id}/output", batch_output)
     router.add_get("/v1/batch/{batch_id}/errors", batch_errors)
 

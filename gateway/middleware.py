@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -203,7 +204,11 @@ def query_int(request: web.Request, name: str, default: int, *, low: int, high: 
 
 
 def _wrapped(path: str, handler: Handler) -> Handler:
-    return endpoint(handler, route=path, public=path in PUBLIC_PATHS)
+    route = _VARIABLE.sub(r"{\1}", path)  # the metric and log label: `{batch_id}`, without its pattern
+    return endpoint(handler, route=route, public=path in PUBLIC_PATHS)
+
+
+_VARIABLE = re.compile(r"\{(\w+):[^}]*\}")
 
 
 class Routes:
