@@ -86,8 +86,10 @@ def keep_restart_only(old: cfg.Config, new: cfg.Config) -> tuple[cfg.Config, lis
         if f.name not in LIVE_SECTIONS and getattr(old, f.name) != getattr(new, f.name):
             keep[f.name] = getattr(old, f.name)
             pending.append(f.name)
-    if old.limits.max_body_bytes != new.limits.max_body_bytes:
-        # aiohttp's client_max_size is fixed when the app is built.
-        keep["limits"] = dataclasses.replace(new.limits, max_body_bytes=old.limits.max_body_bytes)
-        pending.append("limits.max_body_bytes")
+    # aiohttp's client_max_size is fixed when the app is built, the connection limits when the process listens.
+    for name in ("max_body_bytes", "header_timeout_s", "keepalive_timeout_s", "max_connections"):
+        if getattr(old.limits, name) != getattr(new.limits, name):
+            limits = keep.get("limits", new.limits)
+            keep["limits"] = dataclasses.replace(limits, **{name: getattr(old.limits, name)})  # type: ignore[type-var]
+            pending.append(f"limits.{name}")
     return dataclasses.replace(new, **keep), pending  # type: ignore[arg-type]
