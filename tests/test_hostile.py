@@ -231,3 +231,19 @@ async def test_options_on_the_batch_route_allows_post_only(gateway: Gateway) -> 
             assert resp.headers["Allow"] == "POST"
     async with client.get("/v1/batch/batch_0123", headers=auth()) as resp:
         assert resp.status == 404  # any other id is still a job id
+
+
+async def test_dimensions_written_as_an_integral_float_are_that_integer(gateway: Gateway) -> None:
+    """JSON Schema's `integer` takes 64.0: the gateway does too, sends 64 upstream and keys it as 64."""
+    client = await gateway()
+    async with client.post("/v1/embeddings", data=b'{"model": "%s", "input": "a", "dimensions": 64.0}' % MODEL.encode(),
+                           headers=auth()) as resp:
+        assert resp.status == 200
+        assert len((await resp.json())["data"][0]["embedding"]) == 64
+    async with client.post("/v1/embeddings", json={"model": MODEL, "input": "a", "dimensions": 64},
+                           headers=auth()) as resp:
+        assert resp.headers["X-Cache-Hits"] == "1"
+    assert [type(r["dimensions"]) for r in sim_of(client).requests] == [int]
+    async with client.post("/v1/embeddings", json={"model": MODEL, "input": "a", "dimensions": 64.5},
+                           headers=auth()) as resp:
+        assert resp.status == 422
