@@ -25,6 +25,7 @@ from .middleware import Routes, query_int
 from .protocol import parse_json_object
 
 _WINDOW = re.compile(r"[1-9][0-9]{0,2}h")
+_FORM_FIELD = re.compile(r"[A-Za-z0-9_.\[\]-]+")  # what a form field's name may be (openapi.yaml says so too)
 _MAX_WINDOW_H = 720  # 30 days: a job still not done by then is stuck, not slow
 _READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 
@@ -97,6 +98,8 @@ async def _read_form(request: web.Request, max_bytes: int) -> tuple[str | None, 
     async for part in await request.multipart():
         if not isinstance(part, BodyPartReader):
             continue
+        if part.name is None or not _FORM_FIELD.fullmatch(part.name):
+            raise ValidationFailed("form", f"field name {part.name!r}: letters, digits and _.-[] only")
         if part.name == "purpose":
             purpose = (await _read_part(part, 256)).decode("utf-8", "replace").strip()
         elif part.name == "file":

@@ -247,3 +247,33 @@ async def test_dimensions_written_as_an_integral_float_are_that_integer(gateway:
     async with client.post("/v1/embeddings", json={"model": MODEL, "input": "a", "dimensions": 64.5},
                            headers=auth()) as resp:
         assert resp.status == 422
+
+
+async def test_a_content_type_that_is_not_utf8_is_a_client_error(gateway: Gateway, access: Collect) -> None:
+    client = await gateway()
+    key = auth()["Authorization"].encode()
+    upload = await raw(client, "POST", "/v1/files", [(b"Authorization", key),
+                                                      (b"Content-Type", b"multipart/form-data; boundary=" + BAD)],
+                       b"--" + BAD + b"\r\n\r\n")
+    assert upload.status == 400 and upload.json()["code"] == "INVALID_REQUEST"
+    embed = await raw(client, "POST", "/v1/embeddings", [(b"Authorization", key), (b"Content-Type", BAD)],
+                      b'{"model": "%s", "input": "a"}' % MODEL.encode())
+    assert embed.status == 200  # the body is JSON whatever it is labelled
+    assert [x["status"] for x in access.lines] == [400, 200]
+
+
+async def test_an_upload_field_named_outside_the_documented_pattern_is_422(gateway: Gateway) -> None:
+    client = await gateway()
+    form = aiohttp.FormData()
+    form.add_field("purpose", "batch")
+    form.add_field("expires_after[anchor]", "created_at")  # OpenAI's: a name the pattern allows, ignored
+    form.add_field("file", io.BytesIO(b'{"custom_id": "a", "body": {"input": "x"}}\n'), filename="l.jsonl")
+    async with client.post("/v1/files", data=form, headers=auth()) as resp:
+        assert resp.status == 200
+    form = aiohttp.FormData()
+    form.add_field("purpose", "batch")
+    form.add_field("a name", "x")
+    form.add_field("file", io.BytesIO(b'{"custom_id": "a", "body": {"input": "x"}}\n'), filename="l.jsonl")
+    async with client.post("/v1/files", data=form, headers=auth()) as resp:
+        assert resp.status == 422
+        assert (await resp.json())["errors"][0]["field"] == "form"
