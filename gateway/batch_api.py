@@ -21,13 +21,14 @@ from .errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLar
 from .files import ENDPOINTS, Line, LineError, Rules, check_unique, count_lines, encode_chunk, parse_file, parse_inline
 from .handlers import principal_of, read_body
 from .jobs import FileMeta, Job, Stream
-from .middleware import Routes, query_int
+from .middleware import Routes, check_query, query_int
 from .protocol import parse_json_object
 
 _WINDOW = re.compile(r"[1-9][0-9]{0,2}h")
 _FORM_FIELD = re.compile(r"[A-Za-z0-9_.\[\]-]+")  # what a form field's name may be (openapi.yaml says so too)
 _MAX_WINDOW_H = 720  # 30 days: a job still not done by then is stuck, not slow
 _READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
+_LIST_PARAMS = frozenset({"limit", "after"})
 
 
 def add_routes(router: Routes) -> None:
@@ -246,6 +247,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
 
 
 async def list_batches(request: web.Request) -> web.Response:
+    check_query(request, _LIST_PARAMS)
     limit = query_int(request, "limit", 20, low=1, high=100)
     jobs, more = await request.app[K.JOB_STORE].list_jobs(
         _team(request).name, limit=limit, after=request.query.get("after")

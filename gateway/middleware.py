@@ -192,6 +192,13 @@ def write_access(fields: dict[str, object]) -> None:
         log.exception("access log line not written")
 
 
+def check_query(request: web.Request, known: frozenset[str]) -> None:
+    """A query parameter the route does not take is a 422 naming it, not silently ignored."""
+    for name in request.query:
+        if name not in known:
+            raise ValidationFailed(name, f"unknown parameter (known: {', '.join(sorted(known))})")
+
+
 def query_int(request: web.Request, name: str, default: int, *, low: int, high: int) -> int:
     """Query parameter `name` as an integer from `low` to `high` (`default` when absent). Anything but ASCII digits
     (`¹` and `٣` pass `str.isdigit`), or a number out of range, is a 422 naming the parameter."""

@@ -118,14 +118,16 @@ def _parse_input(value: Any, max_inputs: int) -> list[Item]:
 
 
 def _parse_output(body: dict[str, Any]) -> OutputFormat:
+    """Jina's `embedding_type` wins over OpenAI's `encoding_format`; each one sent must be valid."""
+    chosen: OutputFormat | None = None
     for name in ("embedding_type", "encoding_format"):
         value = body.get(name)
         if value is None:
             continue
         if value not in OUTPUT_FORMATS:
             raise ValidationFailed(name, f"must be one of {', '.join(OUTPUT_FORMATS)}")
-        return value  # type: ignore[no-any-return]
-    return "float"
+        chosen = chosen or value
+    return chosen or "float"
 
 
 def _check_types(body: dict[str, Any]) -> None:

@@ -277,3 +277,18 @@ async def test_an_upload_field_named_outside_the_documented_pattern_is_422(gatew
     async with client.post("/v1/files", data=form, headers=auth()) as resp:
         assert resp.status == 422
         assert (await resp.json())["errors"][0]["field"] == "form"
+
+
+async def test_each_output_format_field_sent_is_checked_and_unknown_query_parameters_refused(gateway: Gateway) -> None:
+    client = await gateway()
+    body = {"model": MODEL, "input": "a", "embedding_type": "base64", "encoding_format": "nonsense"}
+    async with client.post("/v1/embeddings", json=body, headers=auth()) as resp:
+        assert resp.status == 422
+        assert (await resp.json())["errors"][0]["field"] == "encoding_format"
+    async with client.post("/v1/embeddings", json={**body, "encoding_format": "float"}, headers=auth()) as resp:
+        assert resp.status == 200
+        assert isinstance((await resp.json())["data"][0]["embedding"], str)  # embedding_type wins
+    async with client.get("/v1/batches?limit=5&colour=red", headers=auth()) as resp:
+        assert resp.status == 422
+        assert (await resp.json())["errors"][0]["field"] == "colour"
+    assert sim_of(client).calls == 1
