@@ -135,7 +135,7 @@ def _check_types(body: dict[str, Any]) -> None:
         if name in body and not isinstance(body[name], bool):
             raise ValidationFailed(name, "must be a boolean")
     dims = body.get("dimensions")
-    if isinstance(dims, float) and dims.is_integer():  # JSON Schema's integer: 64.0 is 64, as upstream and key see it
+    if isinstance(dims, float) and dims.is_integer() and abs(dims) <= 2**53:  # JSON Schema's integer: 64.0 is 64
         dims = body["dimensions"] = int(dims)
     if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
         raise ValidationFailed("dimensions", "must be a positive integer")

@@ -244,9 +244,10 @@ async def test_dimensions_written_as_an_integral_float_are_that_integer(gateway:
                            headers=auth()) as resp:
         assert resp.headers["X-Cache-Hits"] == "1"
     assert [type(r["dimensions"]) for r in sim_of(client).requests] == [int]
-    async with client.post("/v1/embeddings", json={"model": MODEL, "input": "a", "dimensions": 64.5},
-                           headers=auth()) as resp:
-        assert resp.status == 422
+    for dims in (b"64.5", b"1e300"):  # not an integer, or not one that fits: refused, not a 500
+        body = b'{"model": "%s", "input": "a", "dimensions": %s}' % (MODEL.encode(), dims)
+        async with client.post("/v1/embeddings", data=body, headers=auth()) as resp:
+            assert resp.status == 422
 
 
 async def test_a_content_type_that_is_not_utf8_is_a_client_error(gateway: Gateway, access: Collect) -> None:
