@@ -12,6 +12,7 @@ from .batch import BatchWorker
 from .budget import BudgetWatch
 from .cache import EmbeddingCache
 from .coalescer import Coalescer
+from .connections import ConnectionGuard
 from .jobs import JobStore
 from .live import LiveConfig
 from .metrics import Metrics
@@ -43,6 +44,8 @@ STATE_REDIS: web.AppKey[Any] = web.AppKey("state_redis")
 # Batch files and jobs (in the state store, or in memory), and this process's worker that runs jobs.
 JOB_STORE: web.AppKey[JobStore] = web.AppKey("job_store")
 BATCH_WORKER = web.AppKey("batch_worker", BatchWorker)
+# Client connection limits of a serving process (absent under a test client).
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 # The in-process simulated upstream when `upstream.url` is `sim://` (tests read its counters).
 SIMULATOR = web.AppKey("simulator", Simulator)
 # Every in-process simulated upstream, by upstream name.

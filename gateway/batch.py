@@ -3,7 +3,8 @@ batch priority, on whichever replica claims them, and the codec of their output.
 
 A job runs chunk by chunk; each chunk's output and error lines are committed with the progress in one atomic
 step while the worker holds the job's lease. A crash loses only uncommitted chunks, which the next holder
-re-runs from the cache (their inputs were cached when the upstream answered), so nothing is paid twice.
+re-runs from the cache (their inputs were cached when the upstream answered): only the calls in flight at the
+crash are paid twice, at most `chunks_in_flight × chunk_lines` lines' inputs (docs/batch.md).
 """
 
 from __future__ import annotations

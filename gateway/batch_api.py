@@ -7,6 +7,7 @@ Every id is looked up under the caller's team, so another team's file or job ans
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from .jobs import FileMeta, Job, Stream
 from .middleware import Routes
 from .protocol import parse_json_object
 
+_FORM_FIELD = re.compile(r"[A-Za-z0-9_.\[\]-]+")  # what a form field's name may be (openapi.yaml says so too)
 _READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 
 
@@ -33,8 +35,10 @@ def add_routes(router: Routes) -> None:
     router.add_get("/v1/files/{file_id}/content", file_content)
     router.add_delete("/v1/files/{file_id}", delete_file)
     router.add_post("/v1/batch/embeddings", create_batch)
-    router.add_get("/v1/batch/{batch_id}", get_batch)
-    router.add_delete("/v1/batch/{batch_id}", cancel_batch)
+    # Never `embeddings`: other methods on POST /v1/batch/embeddings get 405 with `Allow: POST`, not this route.
+    job = "/v1/batch/{batch_id:(?!embeddings$)[^/]+}"
+    router.add_get(job, get_batch)
+    router.add_delete(job, cancel_batch)
     router.add_get("/v1/batch/{batch_id}/output", batch_output)
     router.add_get("/v1/batch/{batch_id}/errors", batch_errors)
 
@@ -92,6 +96,8 @@ async def _read_form(request: web.Request, max_bytes: int) -> tuple[str | None, 
     async for part in await request.multipart():
         if not isinstance(part, BodyPartReader):
             continue
+        if part.name is None or not _FORM_FIELD.fullmatch(part.name):
+            raise ValidationFailed("form", f"field name {part.name!r}: letters, digits and _.-[] only")
         if part.name == "purpose":
             purpose = (await _read_part(part, 256)).decode("utf-8", "replace").strip()
         elif part.name == "file":
@@ -138,10 +144,10 @@ async def delete_file(request: web.Request) -> web.Response:
 async def create_batch(request: web.Request) -> web.Response:
     team = _team(request)
     config = request.app[K.LIVE].config
-    body = parse_json_object(await read_body(request))
+    body = parse_json_object(await read_body(request), max_depth=config.limits.max_json_depth)
     model, endpoint, window = _job_fields(body)
     max_inputs = min(config.limits.max_inputs_per_request, team.max_inputs_per_request or 1 << 30)
-    rules = Rules(model=model, max_inputs=max_inputs, models=team.models,
+    rules = Rules(model=model, max_inputs=max_inputs, models=team.models, max_depth=config.limits.max_json_depth,
                   token_ids=config.reads_token_ids)
     file_id, source, field = await _source(request, team, body)
     # Checking 50,000 lines takes a few hundred milliseconds that interactive requests must not wait for.

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--rpm", type=int, default=None, help="requests per minute before answering 429")
     sim.add_argument("--api-key", action="append", default=None, help="require this bearer key (repeat for a pool)")
     sim.add_argument("--kind", choices=("jina", "openai", "tei"), default="jina", help="the wire format served")
+    sim.add_argument("--bill-gone", action="store_true",
+                     help="bill answers whose caller has gone, as a real upstream does")
     sim.set_defaults(func=_sim)
     return parser
 
@@ -130,6 +132,7 @@ def _sim(args: argparse.Namespace) -> int:
             rate_limit_requests=args.rpm,
             api_keys=tuple(args.api_key or ()),
             kind=args.kind,
+            bill_gone=args.bill_gone,
         ),
     )
     return 0

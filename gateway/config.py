@@ -213,9 +213,9 @@ class Limits:
     header_timeout_s: Seconds = 10.0
     # An idle keep-alive connection is closed after this long.
     keepalive_timeout_s: Seconds = 75.0
-    # Client connections this process holds open at once; more wait in the listen backlog.
+    # Client connections this process holds open at once; one more is refused with a 503 and closed.
     max_connections: Count = 1024
-    # Deepest nesting of arrays and objects a JSON body may have; deeper bodies get 400.
+    # Deepest nesting of arrays and objects a JSON body may have; deeper is a 422 at parse time, naming the field.
     max_json_depth: Count = 64
 
 

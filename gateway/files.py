@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from .errors import GatewayError, ValidationFailed
-from .protocol import parse_embedding_request
+from .protocol import MAX_JSON_DEPTH, check_depth, parse_embedding_request
 
 ENDPOINTS = ("/v1/embeddings", "/embeddings")
 _WINDOW = re.compile(r"[1-9][0-9]{0,2}h")
@@ -47,6 +47,7 @@ class Rules:
     models: tuple[str, ...] | None = None
     # Whether the upstreams serving a model read inputs given as tokenizer ids (`Config.reads_token_ids`).
     token_ids: bool | Callable[[str], bool] = False
+    max_depth: int = MAX_JSON_DEPTH
 
 
 def numbered_lines(content: bytes) -> Iterable[tuple[int, bytes]]:
@@ -68,6 +69,12 @@ def parse_file(content: bytes, rules: Rules) -> tuple[list[Line], list[LineError
             value = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             errors.append(LineError(number, None, "INVALID_JSON", f"not valid JSON: {exc}"))
+            continue
+        try:
+            if raw.count(b"[") + raw.count(b"{") > rules.max_depth:  # fewer brackets cannot nest that deep
+                check_depth(value, rules.max_depth)
+        except ValidationFailed as exc:
+            errors.append(LineError(number, None, exc.code, exc.detail))
             continue
         _sort(check_line(number, value, rules), lines, errors)
     return lines, errors

@@ -36,7 +36,8 @@ async def embeddings(request: web.Request) -> web.Response:
     started = time.monotonic()  # the request's deadline counts from here, the body's reading included
     try:
         raw = await read_body(request)
-        req = app[K.PARSE_MEMO].parse(raw, max_inputs=_max_inputs(config, team), token_ids=config.reads_token_ids)
+        req = app[K.PARSE_MEMO].parse(raw, max_inputs=_max_inputs(config, team),
+                                      max_depth=config.limits.max_json_depth, token_ids=config.reads_token_ids)
         fields = request[K.LOG_FIELDS]  # logged even when the request fails below: who asked for what
         fields["model"] = req.model
         fields["inputs"] = len(req.items)

@@ -1,11 +1,18 @@
 """What every request gets (request id, in-flight count, authentication, errors → JSON, latency, the access
-log), as a wrapper around each route's handler."""
+log), as a wrapper around each route's handler.
+
+The access log is one INFO record per request on the `gateway.access` logger (probes excepted): its message is
+the line as JSON, and `record.access` holds the same fields as a dict for handlers that ship them structured.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -13,15 +20,18 @@ import orjson
 from aiohttp import web
 
 from . import appkeys as K
-from .errors import GatewayError, error_body
-from .logbuffer import write_access
+from .errors import GatewayError, Unauthorized, ValidationFailed, error_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("gateway")
+access_log = logging.getLogger("gateway.access")
 
 # Paths that answer without a key: liveness and readiness probes (metrics has its own optional token).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Probes are polled every few seconds and carry no work: not in the access log, and no Authorization is read.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+_REQUEST_ID_MAX = 64
 
 _HTTP_CODES = {
     404: "NOT_FOUND",
@@ -59,24 +69,65 @@ _ids = _Ids()
 os.register_at_fork(after_in_child=_ids.reset)  # a forked child must not repeat its parent's ids
 
 
+def request_id_of(request: web.Request) -> tuple[str, bool]:
+    """The caller's `X-Request-Id` (its first 64 characters), or a new id when it sent none; a value that is not
+    printable UTF-8 text is replaced by a new id too, and the second item says so (the access line records it)."""
+    sent = request.headers.get("X-Request-Id", "")
+    if not sent:
+        return next_request_id(), False
+    if _is_utf8(sent) and sent.isprintable():
+        return sent[:_REQUEST_ID_MAX], False
+    return next_request_id(), True
+
+
+def _is_utf8(value: str) -> bool:
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: each byte that was not UTF-8 is a lone surrogate.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_authorization(request: web.Request) -> None:
+    """An Authorization header that is not UTF-8 text is a 401 on every route that reads the header."""
+    value = request.headers.get("Authorization")
+    if value is not None and not _is_utf8(value):
+        raise Unauthorized("the Authorization header is not valid UTF-8 text", code="AUTH_INVALID_API_KEY")
+
+
+def dumps_lenient(value: object) -> bytes:
+    """JSON of `value`; a string holding bytes that were not UTF-8 (from a header or a path) gets U+FFFD for them
+    instead of failing the answer or the log line."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, ensure_ascii=False, default=str).encode("utf-8", "replace")
+
+
 def endpoint(handler: Handler, *, route: str, public: bool = False) -> Handler:
     """`handler` with what every request gets: request id, in-flight count, authentication (unless `public`),
-    errors → JSON, the latency metric and the access log.
+    errors → JSON, the latency metric and the access log line (every route but the probes).
 
     A wrapper per route rather than an aiohttp middleware: having any middleware at all costs aiohttp a
-    wrapper chain and a coroutine per request (~20 µs of a ~100 µs hit on the bench machine), and the route's
-    label and publicness are known here once instead of being looked up per request.
+    wrapper chain and a coroutine per request, and the route's label and publicness are known here once
+    instead of being looked up per request.
     """
-    # Probes and scrapes are not work: the count is what a drain waits for. They need no key either.
+    probe = route in PROBE_PATHS
 
     async def impl(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = request.headers.get("X-Request-Id", "")[:64] or next_request_id()
+        request_id, replaced = request_id_of(request)
         # The access line itself: the handler adds what it knows (model, counts); the rest is filled in below.
         fields: dict[str, object] = {"request_id": request_id, "method": request.method, "path": route, "team": "",
                                      "status": 500, "latency_ms": 0.0}
+        if replaced:
+            fields["request_id_replaced"] = True  # the one sent was not printable UTF-8 text
         request[K.LOG_FIELDS] = fields
         app = request.app
+        connections = app.get(K.CONNECTIONS)
+        if connections is not None:
+            connections.started(request.transport)  # its headers are in: the header deadline is met
         in_flight = None if public else app[K.METRICS].active
         if in_flight is not None:
             in_flight.enter()
@@ -84,6 +135,8 @@ def endpoint(handler: Handler, *, route: str, public: bool = False) -> Handler:
         team = ""
         try:
             try:
+                if not probe:
+                    _check_authorization(request)
                 if not public:
                     principal = app[K.LIVE].keyring.authenticate(request.headers.get("Authorization"))
                     request[K.PRINCIPAL] = principal
@@ -91,7 +144,7 @@ def endpoint(handler: Handler, *, route: str, public: bool = False) -> Handler:
                 response = await handler(request)
             except GatewayError as exc:
                 response = web.Response(
-                    status=exc.status, body=orjson.dumps(exc.body()), content_type="application/json",
+                    status=exc.status, body=dumps_lenient(exc.body()), content_type="application/json",
                     headers=exc.headers,
                 )
             except web.HTTPException as exc:
@@ -107,22 +160,58 @@ def endpoint(handler: Handler, *, route: str, public: bool = False) -> Handler:
             status = response.status
             response.headers["X-Request-Id"] = request_id
             return response
+        except asyncio.CancelledError:
+            status = 499  # the client went away before its answer (nginx's code for it)
+            raise
         finally:
             if in_flight is not None:
                 in_flight.leave()
             seconds = time.perf_counter() - started
             app[K.METRICS].count_request(route, status, team, seconds)
-            if not public:
+            if not probe:
                 fields["team"] = team
                 fields["status"] = status
                 fields["latency_ms"] = round(seconds * 1e6) / 1000
-                write_access(orjson.dumps(fields).decode())
+                write_access(fields)
 
     return impl
 
 
+def write_access(fields: dict[str, object]) -> None:
+    """One INFO record on `gateway.access`: the line as JSON for its message, the fields as `record.access`.
+    Never raises: a line that cannot be written must not change the answer."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    try:
+        access_log.info(dumps_lenient(fields).decode(), extra={"access": fields})
+    except Exception:
+        log.exception("access log line not written")
+
+
+def check_query(request: web.Request, known: frozenset[str]) -> None:
+    """A query parameter the route does not take is a 422 naming it, not silently ignored."""
+    for name in request.query:
+        if name not in known:
+            raise ValidationFailed(name, f"unknown parameter (known: {', '.join(sorted(known))})")
+
+
+def query_int(request: web.Request, name: str, default: int, *, low: int, high: int) -> int:
+    """Query parameter `name` as an integer from `low` to `high` (`default` when absent). Anything but ASCII digits
+    (`¹` and `٣` pass `str.isdigit`), or a number out of range, is a 422 naming the parameter."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18 and low <= int(raw) <= high):
+        raise ValidationFailed(name, f"must be an integer from {low} to {high}")
+    return int(raw)
+
+
 def _wrapped(path: str, handler: Handler) -> Handler:
-    return endpoint(handler, route=path, public=path in PUBLIC_PATHS)
+    route = _VARIABLE.sub(r"{\1}", path)  # the metric and log label: `{batch_id}`, without its pattern
+    return endpoint(handler, route=route, public=path in PUBLIC_PATHS)
+
+
+_VARIABLE = re.compile(r"\{(\w+):[^}]*\}")
 
 
 class Routes:

@@ -23,9 +23,10 @@ from .errors import Forbidden, NotFound, ValidationFailed
 from .files import ENDPOINTS, Rules, check_window, prepare
 from .incoming import principal_of, read_body
 from .jobs import Job, Stream
-from .middleware import Routes
+from .middleware import Routes, check_query, query_int
 from .protocol import parse_json_object
 
+_LIST_PARAMS = frozenset({"limit", "after"})
 _READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 _FINAL = frozenset({"completed", "failed", "cancelled"})
 # A job's output and errors as files: `file-<job id>-output`, `file-<job id>-errors`.
@@ -86,7 +87,8 @@ async def create_batch(request: web.Request) -> web.Response:
         raise NotFound(f"no file {file_id!r}")
     max_inputs = min(config.limits.max_inputs_per_request, team.max_inputs_per_request or 1 << 30)
     # Each line names its model, as OpenAI's lines do: a line without one is an error line.
-    rules = Rules(model="", max_inputs=max_inputs, models=team.models, token_ids=config.reads_token_ids)
+    rules = Rules(model="", max_inputs=max_inputs, models=team.models, token_ids=config.reads_token_ids,
+                  max_depth=config.limits.max_json_depth)
     lines, errors, chunks = await asyncio.to_thread(
         prepare, content, rules, "input_file_id", config.batch.chunk_lines
     )
@@ -139,11 +141,10 @@ def _now() -> int:
 
 
 async def list_batches(request: web.Request) -> web.Response:
-    raw_limit = request.query.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
-        raise ValidationFailed("limit", "must be an integer from 1 to 100")
+    check_query(request, _LIST_PARAMS)
+    limit = query_int(request, "limit", 20, low=1, high=100)
     jobs, more = await request.app[K.JOB_STORE].list_jobs(
-        _team(request).name, limit=int(raw_limit), after=request.query.get("after")
+        _team(request).name, limit=limit, after=request.query.get("after")
     )
     return _json({
         "object": "list",

@@ -48,14 +48,43 @@ class EmbeddingRequest:
         object.__setattr__(self, "canonical_params", orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS))
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
+# `limits.max_json_depth`'s default: well under orjson's serialising limit (255), which keying must never meet.
+MAX_JSON_DEPTH = 64
+
+
+def parse_json_object(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="INVALID_JSON") from exc
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="INVALID_JSON")
+    if raw.count(b"[") + raw.count(b"{") > max_depth:  # fewer brackets cannot nest that deep: no walk
+        check_depth(body, max_depth)
     return body
+
+
+def check_depth(value: Any, max_depth: int) -> None:
+    """422 naming the field (`input[0].a`) where arrays and objects nest deeper than `max_depth` levels, the
+    value itself being level 1."""
+    parents: list[tuple[int, str | int]] = [(-1, "")]  # (parent's index, key) of each container seen
+    stack: list[tuple[Any, int, int]] = [(value, 1, 0)]
+    while stack:
+        node, depth, index = stack.pop()
+        if depth > max_depth:
+            raise ValidationFailed(_path(parents, index), f"nested deeper than {max_depth} arrays and objects")
+        for key, child in node.items() if type(node) is dict else enumerate(node):
+            if type(child) is dict or type(child) is list:
+                parents.append((index, key))
+                stack.append((child, depth + 1, len(parents) - 1))
+
+
+def _path(parents: list[tuple[int, str | int]], index: int) -> str:
+    keys: list[str | int] = []
+    while index > 0:
+        index, key = parents[index]
+        keys.append(key)
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in reversed(keys)).lstrip(".") or "body"
 
 
 def parse_embedding_request(
@@ -106,8 +135,10 @@ def _check_token_ids(field: str, ids: list[Any], token_ids: bool) -> None:
 
 
 def _parse_output(body: dict[str, Any]) -> OutputFormat:
-    """Jina's field (`embedding_type`, or its alias `encoding_type`) wins over OpenAI's `encoding_format`."""
-    value, alias = body.get("embedding_type"), body.get("encoding_type")
+    """Jina's field (`embedding_type`, or its alias `encoding_type`) wins over OpenAI's `encoding_format`; each one
+    sent must be valid."""
+    value, alias, openai = body.get("embedding_type"), body.get("encoding_type"), body.get("encoding_format")
+    fallback = "float" if openai is None else _output_value("encoding_format", openai)
     if alias is not None:
         output = _output_value("encoding_type", alias)
         if value is not None and _output_value("embedding_type", value) != output:
@@ -115,10 +146,7 @@ def _parse_output(body: dict[str, Any]) -> OutputFormat:
                 "encoding_type", "embedding_type and its alias encoding_type ask for different formats; give one"
             )
         return output
-    if value is not None:
-        return _output_value("embedding_type", value)
-    value = body.get("encoding_format")
-    return "float" if value is None else _output_value("encoding_format", value)
+    return fallback if value is None else _output_value("embedding_type", value)
 
 
 def _output_value(name: str, value: Any) -> OutputFormat:
@@ -137,6 +165,8 @@ def _check_types(body: dict[str, Any]) -> None:
         if name in body and not isinstance(body[name], bool):
             raise ValidationFailed(name, "must be a boolean")
     dims = body.get("dimensions")
+    if isinstance(dims, float) and dims.is_integer() and abs(dims) <= 2**53:  # JSON Schema's integer: 64.0 is 64
+        dims = body["dimensions"] = int(dims)
     if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
         raise ValidationFailed("dimensions", "must be a positive integer")
     task = body.get("task")
@@ -173,12 +203,13 @@ class ParseMemo:
         self.lru: ByteLRU[tuple[bytes, int], EmbeddingRequest] = ByteLRU(max_bytes)
         self.max_body_bytes = max_body_bytes
 
-    def parse(self, raw: bytes, *, max_inputs: int, token_ids: bool | Callable[[str], bool] = False,
-              ) -> EmbeddingRequest:
+    def parse(self, raw: bytes, *, max_inputs: int, max_depth: int = MAX_JSON_DEPTH,
+              token_ids: bool | Callable[[str], bool] = False) -> EmbeddingRequest:
         key = (raw, max_inputs)
         request = self.lru.get(key)
         if request is None:
-            request = parse_embedding_request(parse_json_object(raw), max_inputs=max_inputs, token_ids=token_ids)
+            body = parse_json_object(raw, max_depth=max_depth)
+            request = parse_embedding_request(body, max_inputs=max_inputs, token_ids=token_ids)
             if len(raw) <= self.max_body_bytes:
                 per_key = 16 + 33 + 8  # a cache key, its bytes object and its list slot, once keyed
                 self.lru.put(key, request, 2 * len(raw) + _REMEMBERED_OVERHEAD + per_key * len(request.items))

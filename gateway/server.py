@@ -6,12 +6,15 @@ multiprocess files.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import logging
+import logging.handlers
 import multiprocessing
 import multiprocessing.connection as mpc
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -26,8 +29,7 @@ from aiohttp import web
 
 from . import appkeys as K
 from . import config as cfg
-from . import logbuffer
-from .logbuffer import LoopBufferedHandler
+from .connections import ConnectionGuard
 
 log = logging.getLogger("gateway")
 
@@ -74,8 +76,7 @@ async def serve(
     app = create_app(config, config_path=config_path)
     live = app[K.LIVE]
     live.on_change(lambda c: logging.getLogger().setLevel(c.log_level))
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=_CANCEL_GRACE_S)
-    await runner.setup()
+    runner, listener = await start(app, host, port, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -83,16 +84,40 @@ async def serve(
     # Synchronous on the loop: no request runs while the config is swapped, so none sees half of two.
     loop.add_signal_handler(signal.SIGHUP, live.reload)
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
         on_ready()
         await stop.wait()
     except BaseException:
+        listener.close()
         await runner.cleanup()
         raise
-    return await drain(runner, app)
+    return await drain(runner, app, listener)
 
 
-async def drain(runner: web.AppRunner, app: web.Application) -> int:
+async def start(
+    app: web.Application, host: str, port: int, *, reuse_port: bool = False
+) -> tuple[web.AppRunner, asyncio.Server]:
+    """Sets the app up and listens on host:port with the connection limits of `limits` (idle keep-alive
+    connections through aiohttp's keepalive_timeout; the header deadline and the connection bound through
+    gateway/connections.py, since aiohttp has neither). The caller stops both: `drain()`."""
+    limits = app[K.LIVE].config.limits
+    guard = app[K.CONNECTIONS] = ConnectionGuard(
+        header_timeout_s=limits.header_timeout_s, max_connections=limits.max_connections
+    )
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=_CANCEL_GRACE_S,
+                           keepalive_timeout=limits.keepalive_timeout_s)
+    await runner.setup()
+    assert runner.server is not None
+    try:
+        listener = await asyncio.get_running_loop().create_server(
+            guard.protocol_factory(runner.server), host, port, reuse_port=reuse_port or None,
+        )
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, listener
+
+
+async def drain(runner: web.AppRunner, app: web.Application, listener: asyncio.Server) -> int:
     """Stops accepting, lets in-flight requests and pending cache writes finish, releases what others may take.
 
     Returns 0 when every request finished within `shutdown_timeout_s`, 1 when some had to be cut short.
@@ -100,8 +125,7 @@ async def drain(runner: web.AppRunner, app: web.Application) -> int:
     loop = asyncio.get_running_loop()
     timeout = app[K.LIVE].config.shutdown_timeout_s
     deadline = loop.time() + timeout
-    for site in list(runner.sites):
-        await site.stop()  # the listening socket closes: new connections go to other workers or replicas
+    listener.close()  # the listening socket closes: new connections go to other workers or replicas
     active = app[K.METRICS].active
     log.info("draining: %d requests in flight, up to %.0fs", active.count, timeout)
     worker = app.get(K.BATCH_WORKER)
@@ -266,13 +290,18 @@ def _clear(path: str) -> None:
 
 
 def setup_logging(level: str) -> None:
-    """Message-only lines on stderr, written once per event-loop turn (gateway/logbuffer.py). The access log
-    writes a line per request, so records skip what this format never prints: the caller's frame, thread and
-    process (the logging HOWTO's "Optimization" list)."""
-    handler = LoopBufferedHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
-    logbuffer.install(handler)
+    """Message-only lines on stderr, written by a `QueueListener` thread: a request's log records (the access
+    line among them) cost the event loop a queue put, never a write to a slow or blocked stderr. Handlers a
+    program attaches to a logger (`gateway.access` for a log shipper) receive its records as they are logged.
+    Records skip what this format never prints: the caller's frame, thread and process (the logging HOWTO's
+    "Optimization" list)."""
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    enqueue = logging.handlers.QueueHandler(records)
+    enqueue.setFormatter(logging.Formatter("%(message)s"))  # the message (and a traceback) is the whole line
+    listener = logging.handlers.QueueListener(records, logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=level, handlers=[enqueue])
+    listener.start()
+    atexit.register(listener.stop)  # writes what is queued before the process exits
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False

@@ -85,6 +85,8 @@ class SimConfig:
     kind: str = "jina"  # one of SIM_KINDS
     rate_limit_per_key: bool = False  # `rate_limit_requests` counts each bearer key apart, as providers do
     tei_model: str = "bge-m3"  # the one model a `tei` sim serves
+    # A real upstream bills what it computed even when the caller hung up before the answer; False drops it.
+    bill_gone: bool = False
 
 
 @dataclass
@@ -383,10 +385,10 @@ class Simulator:
     config: SimConfig  # tests may swap it between calls
     calls: int  # every POST received, rejected ones included
     ok_calls: int  # fully normal 200 answers
-    inputs: int  # inputs billed in those answers
-    tokens: int  # tokens billed in those answers
+    inputs: int  # inputs billed in those answers (and, with `bill_gone`, in answers whose caller had gone)
+    tokens: int  # tokens billed with them
     requests: list[dict[str, Any]]  # every body that parsed as a JSON object, in order
-    dropped: int  # answers not counted because the caller had gone when they were ready
+    dropped: int  # answers whose caller had gone when they were ready (billed only with `bill_gone`)
 
     def __init__(
         self,
@@ -525,7 +527,10 @@ class Simulator:
         if not self._open.is_set():
             await self._hold(request)
         if request.transport is None or request.transport.is_closing():
-            self.dropped += 1  # the caller is gone: nothing is delivered, nothing billed
+            self.dropped += 1  # the caller is gone: nothing is delivered
+            if self.config.bill_gone:
+                self.inputs += len(req.items)
+                self.tokens += total
             return web.Response(status=499)
         if tei:
             payload = _tei_body(_vectors(req), drop_last=short)

@@ -1,0 +1,86 @@
+"""The access log is `logging` records on `gateway.access`: a handler attached there (a log shipper) receives one
+record per request, and a serving process writes each as one JSON line on stderr."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from .conftest import Gateway, auth
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def shipper() -> Iterator[Collect]:
+    """A handler attached to `gateway.access` itself, as a log shipper would attach one."""
+    access = logging.getLogger("gateway.access")
+    handler, level = Collect(), access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    yield handler
+    access.removeHandler(handler)
+    access.setLevel(level)
+
+
+async def test_a_handler_on_gateway_access_receives_one_record_per_request(gateway: Gateway, shipper: Collect) -> None:
+    client = await gateway()
+    sent: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/v1/embeddings", {"json": {"model": "jina-embeddings-v3", "input": ["a", "b"]}, "headers": auth()}),
+        ("POST", "/v1/embeddings", {"json": {"model": "jina-embeddings-v3", "input": ["a"]}, "headers": auth()}),
+        ("POST", "/v1/embeddings", {"json": {"input": ["a"]}, "headers": auth()}),  # 422
+        ("GET", "/v1/usage", {"headers": {"Authorization": "Bearer wrong"}}),  # 401
+        ("GET", "/nowhere", {"headers": auth()}),  # 404
+        ("GET", "/metrics", {"headers": {"Authorization": "Bearer metrics-token"}}),
+        ("GET", "/healthz", {}),  # a probe: not logged
+    ]
+    statuses = []
+    for method, path, kwargs in sent:
+        async with client.request(method, path, **kwargs) as resp:
+            await resp.read()
+            statuses.append((resp.status, resp.headers["X-Request-Id"]))
+    lines = [orjson.loads(r.getMessage()) for r in shipper.records]
+    assert [(line["status"], line["request_id"]) for line in lines] == statuses[:-1]
+    assert [line["path"] for line in lines] == ["/v1/embeddings", "/v1/embeddings", "/v1/embeddings", "/v1/usage",
+                                                "unmatched", "/metrics"]
+    assert lines[0]["team"] == "team-a" and lines[0]["inputs"] == 2 and lines[0]["misses"] == 2
+    assert lines[1]["hits"] == 1
+    # The same fields, structured, for a handler that ships them as they are.
+    assert [r.access for r in shipper.records] == lines  # type: ignore[attr-defined]
+    assert all(r.levelno == logging.INFO for r in shipper.records)
+
+
+async def test_at_warning_level_no_access_record_is_made(gateway: Gateway, shipper: Collect) -> None:
+    client = await gateway()
+    logging.getLogger("gateway.access").setLevel(logging.WARNING)  # what `log_level: WARNING` does to it
+    async with client.get("/v1/usage", headers=auth()) as resp:
+        assert resp.status == 200
+    assert shipper.records == []
+
+
+def test_a_serving_process_writes_each_access_record_as_one_json_line_on_stderr() -> None:
+    """setup_logging's queue and listener thread: every record reaches stderr, in order, before the process ends."""
+    program = """
+import logging
+from gateway.server import setup_logging
+setup_logging("INFO")
+access = logging.getLogger("gateway.access")
+for i in range(500):
+    access.info('{"n":%d}' % i)
+logging.getLogger("gateway").warning("last")
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stderr.splitlines() == [f'{{"n":{i}}}' for i in range(500)] + ["last"]
