@@ -183,7 +183,10 @@ def write_access(fields: dict[str, object]) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
     try:
-        access_log.info(dumps_lenient(fields).decode(), extra={"access": fields})
+        # A record made directly: `info()` would look up the caller's frame, which an access line never prints.
+        record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, dumps_lenient(fields).decode(), (),
+                                       None, extra={"access": fields})
+        access_log.handle(record)
     except Exception:
         log.exception("access log line not written")
 

@@ -293,8 +293,8 @@ def setup_logging(level: str) -> None:
     """Message-only lines on stderr, written by a `QueueListener` thread: a request's log records (the access
     line among them) cost the event loop a queue put, never a write to a slow or blocked stderr. Handlers a
     program attaches to a logger (`gateway.access` for a log shipper) receive its records as they are logged.
-    Records skip what this format never prints: the caller's frame, thread and process (the logging HOWTO's
-    "Optimization" list)."""
+    Records skip what this format never prints: thread and process (the logging HOWTO's "Optimization" list);
+    the access line is made without a look-up of its caller's frame (middleware.write_access)."""
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     enqueue = logging.handlers.QueueHandler(records)
     enqueue.setFormatter(logging.Formatter("%(message)s"))  # the message (and a traceback) is the whole line
@@ -302,7 +302,6 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level, handlers=[enqueue])
     listener.start()
     atexit.register(listener.stop)  # writes what is queued before the process exits
-    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
