@@ -416,13 +416,25 @@ class Admin:
 
 def build_team(record: Record) -> cfg.Team:
     """The `cfg.Team` of an API record, validated like a config-file team (ValidationFailed names the field)."""
-    data = {k: record[k] for k in ("name", *TEAM_FIELDS) if record.get(k) is not None}
+    data = {k: _whole_numbers(record[k]) for k in ("name", *TEAM_FIELDS) if record.get(k) is not None}
     try:
         team: cfg.Team = cfg.build(cfg.Team, data, "")
     except cfg.ConfigError as exc:
         where, _, message = str(exc).split("\n")[0].partition(": ")
         raise ValidationFailed(where, message) from None
     return team
+
+
+def _whole_numbers(value: Any) -> Any:
+    """JSON does not tell 3 from 3.0: a whole float sent over the API is taken as the integer it is (the config
+    file's own values stay strict)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
 
 
 def _config_team_view(team: cfg.Team) -> Record:
@@ -472,10 +484,9 @@ def parse_since(text: str | None) -> int:
     """`since` of the audit query: an ISO 8601 time or Unix seconds; ms since the epoch."""
     if not text:
         return 0
-    try:
-        return round(float(text) * 1000)
-    except ValueError:
-        return round(_seconds(text, field="since") * 1000)
+    if text.isascii() and text.isdigit():
+        return int(text) * 1000
+    return round(_seconds(text, field="since") * 1000)
 
 
 def _iso_ms(ms: int | None) -> str | None:

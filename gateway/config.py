@@ -39,6 +39,7 @@ def _key_hash(key: str) -> str:
 
 # Scalars are strict (YAML `'80'` is not a port, `true` is not a count); an int is accepted where a float is asked.
 Str = Annotated[str, Strict()]
+Name = Annotated[str, Strict(), Field(min_length=1)]  # a model or team name: never empty
 Bool = Annotated[bool, Strict()]
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
@@ -261,7 +262,7 @@ class Team:
     keys: tuple[KeyHash, ...] = ()
     quota: Quota = field(default_factory=Quota)
     # The models this team may use (others: 403); None = every model.
-    models: Annotated[tuple[Str, ...], Field(min_length=1)] | None = None
+    models: Annotated[tuple[Name, ...], Field(min_length=1)] | None = None
     max_inputs_per_request: Count | None = None
     # Its share of the upstream when work queues.
     weight: Annotated[float, Strict(), Field(gt=0)] = 1.0

@@ -21,6 +21,7 @@ from .auth import Principal
 from .budget import budget_rows
 from .errors import Forbidden, GatewayError, StateUnavailable
 from .incoming import principal_of, read_body
+from .middleware import check_query
 from .quota import STORE_ERRORS, Reservation
 from .service import Outcome
 from .usage import build_report, parse_query
@@ -98,7 +99,8 @@ def _account(
 
 async def openapi(request: web.Request) -> web.Response:
     """The gateway's own OpenAPI document; like every route but the probes, it needs a key."""
-    return web.Response(body=openapi_doc.served(), content_type="application/json")
+    token_ids = any(upstream.wire != "jina" for upstream in request.app[K.LIVE].config.routes)
+    return web.Response(body=openapi_doc.served(token_ids), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -146,6 +148,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def usage(request: web.Request) -> web.Response:
     """`GET /v1/usage`: a team key sees its own team, an admin key every team (or those named in `team`)."""
     config = request.app[K.LIVE].config
+    check_query(request, _USAGE_PARAMS)
     today = datetime.now(UTC).date()
     query = parse_query(request.query, today=today, max_days=config.usage.max_query_days)
     teams = _visible_teams(principal_of(request), query.teams)
@@ -179,6 +182,9 @@ async def _budgets(request: web.Request, visible: list[str] | None) -> list[dict
     except STORE_ERRORS as exc:
         app[K.METRICS].store_errors.labels("state", "usage_read").inc()
         raise StateUnavailable("the budget store cannot be read now; retry shortly") from exc
+
+
+_USAGE_PARAMS = frozenset({"start", "end", "group_by", "team", "format"})
 
 
 def _visible_teams(principal: Principal, asked: tuple[str, ...] | None) -> list[str] | None:

@@ -32,9 +32,12 @@ def operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 @functools.cache
-def served() -> bytes:
-    """The document clients get: only operations the gateway serves now."""
+def served(token_ids: bool = True) -> bytes:
+    """The document clients get: only operations the gateway serves now, and token-array inputs (schemas marked
+    `x-token-ids`) only when `token_ids`, i.e. some upstream reads them."""
     doc = copy.deepcopy(source())
+    if not token_ids:
+        _drop_token_ids(doc)
     for path in list(doc["paths"]):
         item = doc["paths"][path]
         for method in [m for m in item if m in METHODS and "x-pending" in item[m]]:
@@ -42,3 +45,16 @@ def served() -> bytes:
         if not any(m in item for m in METHODS):
             del doc["paths"][path]
     return orjson.dumps(doc)
+
+
+def _drop_token_ids(node: Any) -> None:
+    """Removes every `oneOf` / `anyOf` alternative marked `x-token-ids`, wherever it is."""
+    if isinstance(node, dict):
+        for key in ("oneOf", "anyOf"):
+            if isinstance(node.get(key), list):
+                node[key] = [alt for alt in node[key] if not (isinstance(alt, dict) and alt.get("x-token-ids"))]
+        for child in node.values():
+            _drop_token_ids(child)
+    elif isinstance(node, list):
+        for child in node:
+            _drop_token_ids(child)
