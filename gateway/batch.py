@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from aiohttp import web
 
 from . import config as cfg
 from .codec import decode, encode
@@ -37,7 +38,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .files import Line, LineError, decode_chunk
-from .jobs import Job, JobStore
+from .jobs import Job, JobStore, Stream
 from .live import LiveConfig
 from .metrics import Metrics
 from .protocol import EmbeddingRequest, parse_embedding_request
@@ -100,6 +101,28 @@ def render_outputs(blob: bytes, line: Callable[[str, bytes], bytes] | None = Non
     return b"".join(
         render(r.custom_id, render_embeddings(r.model, r.vectors, r.tokens, r.output)) for r in unpack_outputs(blob)
     )
+
+
+_READ_BLOBS = 8  # chunk blobs fetched per store read while streaming
+
+
+async def stream_lines(
+    request: web.Request, store: JobStore, job: Job, stream: Stream, render: Callable[[bytes], bytes] | None
+) -> web.StreamResponse:
+    """A job's committed lines of `stream` as a JSONL answer, a few chunks per store read; `render` turns a chunk
+    into lines (None: the chunk is its lines already). Rendering takes milliseconds per chunk: off the loop."""
+    response = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
+    await response.prepare(request)
+    start = 0
+    while True:
+        blobs = await store.read(job.team, job.id, stream, start, _READ_BLOBS)
+        for blob in blobs:
+            await response.write(blob if render is None else await asyncio.to_thread(render, blob))
+        if len(blobs) < _READ_BLOBS:
+            break
+        start += _READ_BLOBS
+    await response.write_eof()
+    return response
 
 
 def _contract_line(custom_id: str, body: bytes) -> bytes:

@@ -17,7 +17,7 @@ from aiohttp import BodyPartReader, web
 
 from . import appkeys as K
 from . import config as cfg
-from .batch import new_job, render_outputs
+from .batch import new_job, render_outputs, stream_lines
 from .errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, ValidationFailed
 from .files import ENDPOINTS, Rules, check_window, count_lines, prepare
 from .incoming import principal_of, read_body
@@ -26,7 +26,6 @@ from .middleware import Routes
 from .protocol import parse_json_object
 
 _FORM_FIELD = re.compile(r"[A-Za-z0-9_.\[\]-]+")  # what a form field's name may be (openapi.yaml says so too)
-_READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 
 
 def add_routes(router: Routes) -> None:
@@ -218,17 +217,5 @@ async def batch_errors(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, stream: Stream) -> web.StreamResponse:
     """The lines committed so far (all of them once the job has ended), as JSONL, a few chunks at a time."""
     job = await _job(request)
-    store = request.app[K.JOB_STORE]
-    response = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
-    await response.prepare(request)
-    start = 0
-    while True:
-        blobs = await store.read(job.team, job.id, stream, start, _READ_BLOBS)
-        for blob in blobs:
-            # Rendering a chunk of float vectors takes milliseconds: off the event loop.
-            await response.write(await asyncio.to_thread(render_outputs, blob) if stream == "output" else blob)
-        if len(blobs) < _READ_BLOBS:
-            break
-        start += _READ_BLOBS
-    await response.write_eof()
-    return response
+    return await stream_lines(request, request.app[K.JOB_STORE], job, stream,
+                              render_outputs if stream == "output" else None)

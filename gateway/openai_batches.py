@@ -18,7 +18,7 @@ from aiohttp import web
 
 from . import appkeys as K
 from . import config as cfg
-from .batch import new_job, render_outputs
+from .batch import new_job, render_outputs, stream_lines
 from .errors import Forbidden, NotFound, ValidationFailed
 from .files import ENDPOINTS, Rules, check_window, prepare
 from .incoming import principal_of, read_body
@@ -27,7 +27,6 @@ from .middleware import Routes, check_query, query_int
 from .protocol import parse_json_object
 
 _LIST_PARAMS = frozenset({"limit", "after"})
-_READ_BLOBS = 8  # chunk blobs fetched per round trip while streaming
 _FINAL = frozenset({"completed", "failed", "cancelled"})
 # A job's output and errors as files: `file-<job id>-output`, `file-<job id>-errors`.
 _JOB_FILE = "file-{job}-{stream}"
@@ -168,19 +167,7 @@ async def job_file_content(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"no file {file_id!r}")
     stream: Stream = "output" if match[2] == "output" else "errors"
     render = _output_renderer(job.id) if stream == "output" else _error_renderer(job.id)
-    store = request.app[K.JOB_STORE]
-    response = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
-    await response.prepare(request)
-    start = 0
-    while True:
-        blobs = await store.read(job.team, job.id, stream, start, _READ_BLOBS)
-        for blob in blobs:
-            await response.write(await asyncio.to_thread(render, blob))  # milliseconds per chunk: off the loop
-        if len(blobs) < _READ_BLOBS:
-            break
-        start += _READ_BLOBS
-    await response.write_eof()
-    return response
+    return await stream_lines(request, request.app[K.JOB_STORE], job, stream, render)
 
 
 def _line_id(job_id: str, custom_id: str) -> str:

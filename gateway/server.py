@@ -14,7 +14,6 @@ import logging.handlers
 import multiprocessing
 import multiprocessing.connection as mpc
 import os
-import queue
 import shutil
 import signal
 import socket
@@ -289,19 +288,51 @@ def _clear(path: str) -> None:
         stale.unlink()
 
 
+class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A `StreamHandler` that writes the lines formatted during one event-loop turn in one write at the turn's end
+    (at once where no loop runs), instead of one write and flush per record: a serving process logs a line per
+    request. Records reach every other handler as usual; `flush()` writes what is pending."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self.pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self.pending.append(line)
+        if loop is None:
+            self.flush()
+        elif len(self.pending) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            lines, self.pending = self.pending, []
+            if lines and self.stream is not None:
+                try:
+                    self.stream.write("".join(lines))
+                    self.stream.flush()
+                except Exception:  # a closed or broken stderr must never fail a request
+                    pass
+
+
 def setup_logging(level: str) -> None:
-    """Message-only lines on stderr, written by a `QueueListener` thread: a request's log records (the access
-    line among them) cost the event loop a queue put, never a write to a slow or blocked stderr. Handlers a
-    program attaches to a logger (`gateway.access` for a log shipper) receive its records as they are logged.
-    Records skip what this format never prints: thread and process (the logging HOWTO's "Optimization" list);
-    the access line is made without a look-up of its caller's frame (middleware.write_access)."""
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    enqueue = logging.handlers.QueueHandler(records)
-    enqueue.setFormatter(logging.Formatter("%(message)s"))  # the message (and a traceback) is the whole line
-    listener = logging.handlers.QueueListener(records, logging.StreamHandler(sys.stderr))
-    logging.basicConfig(level=level, handlers=[enqueue])
-    listener.start()
-    atexit.register(listener.stop)  # writes what is queued before the process exits
+    """Message-only lines on stderr, written once per event-loop turn (`TurnBufferedHandler`). Handlers a program
+    attaches to a logger (`gateway.access` for a log shipper) receive its records as they are logged. Records skip
+    what this format never prints: thread and process (the logging HOWTO's "Optimization" list); the access line
+    is made without a look-up of its caller's frame (middleware.write_access)."""
+    handler = TurnBufferedHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # the message (and a traceback) is the whole line
+    logging.basicConfig(level=level, handlers=[handler])
+    atexit.register(handler.flush)  # writes what is pending before the process exits
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

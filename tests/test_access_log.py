@@ -72,14 +72,20 @@ async def test_at_warning_level_no_access_record_is_made(gateway: Gateway, shipp
 
 
 def test_a_serving_process_writes_each_access_record_as_one_json_line_on_stderr() -> None:
-    """setup_logging's queue and listener thread: every record reaches stderr, in order, before the process ends."""
+    """setup_logging's buffered handler: every record reaches stderr, in order, before the process ends (records
+    logged inside an event loop are written at the end of their turn)."""
     program = """
+import asyncio
 import logging
 from gateway.server import setup_logging
 setup_logging("INFO")
 access = logging.getLogger("gateway.access")
-for i in range(500):
+for i in range(250):
     access.info('{"n":%d}' % i)
+async def turn():
+    for i in range(250, 500):
+        access.info('{"n":%d}' % i)
+asyncio.run(turn())
 logging.getLogger("gateway").warning("last")
 """
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
