@@ -84,7 +84,8 @@ class Held:
 # checks it against tracemalloc).
 ENTRY_OVERHEAD = 500
 ARRAY_OVERHEAD = 112  # each further array of a unit
-RENDERING_OVERHEAD = 150  # a rendering's bytes object and its dict slot, beyond its length
+RENDERING_OVERHEAD = 40  # a rendering's bytes object and its dict slot, beyond its length
+RENDERINGS_TABLE = 110  # the entry's renderings dict growing to hold its first
 
 
 class LocalTier:
@@ -114,9 +115,12 @@ class LocalTier:
         return held
 
     def keep_rendering(self, held: Held, output: str, rendering: bytes) -> None:
+        # Kept as a copy of its own size: orjson's outputs keep a 4 KB allocation however short they are.
+        rendering = bytes(memoryview(rendering))
+        first = not held.renderings
         held.renderings[output] = rendering
         if self.lru.peek(held.key) is held:  # counted only while the tier holds this very record
-            self.lru.grow(held.key, RENDERING_OVERHEAD + len(rendering))
+            self.lru.grow(held.key, RENDERING_OVERHEAD + len(rendering) + (RENDERINGS_TABLE if first else 0))
 
     @property
     def bytes(self) -> int:

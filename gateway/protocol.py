@@ -45,7 +45,9 @@ class EmbeddingRequest:
     canonical_params: bytes = field(init=False, compare=False)  # `params` as sorted-key JSON, hashed into keys
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "canonical_params", orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS))
+        # Copied to its own size: orjson's small outputs keep a 4 KB allocation, and a remembered request keeps this.
+        canonical = bytes(memoryview(orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS)))
+        object.__setattr__(self, "canonical_params", canonical)
 
 
 # `limits.max_json_depth`'s default: well under orjson's serialising limit (255), which keying must never meet.
@@ -186,9 +188,11 @@ def canonical_item(item: Item) -> bytes:
     return b"o" + orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
 
 
-# What a remembered request costs beyond its body's length: the parsed strings (about the body again), the
-# request and its containers, the LRU's node and key tuple.
-_REMEMBERED_OVERHEAD = 600
+# What a remembered request costs beyond twice its body's length (the body, and its parsed strings): the request
+# and its containers, the LRU's node and key tuple; and per input, its key and string objects (tests/test_repeats.py
+# checks both against tracemalloc).
+REMEMBERED_OVERHEAD = 1060
+REMEMBERED_PER_INPUT = 110
 
 
 class ParseMemo:
@@ -211,8 +215,8 @@ class ParseMemo:
             body = parse_json_object(raw, max_depth=max_depth)
             request = parse_embedding_request(body, max_inputs=max_inputs, token_ids=token_ids)
             if len(raw) <= self.max_body_bytes:
-                per_key = 16 + 33 + 8  # a cache key, its bytes object and its list slot, once keyed
-                self.lru.put(key, request, 2 * len(raw) + _REMEMBERED_OVERHEAD + per_key * len(request.items))
+                cost = 2 * len(raw) + REMEMBERED_OVERHEAD + REMEMBERED_PER_INPUT * len(request.items)
+                self.lru.put(key, request, cost)
         return request
 
     def clear(self) -> None:

@@ -11,7 +11,17 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.cache import ENTRY_OVERHEAD, RENDERING_OVERHEAD, EmbeddingCache, LocalTier, item_keys, key_prefix, unit_key
+from gateway import render
+from gateway.cache import (
+    ENTRY_OVERHEAD,
+    RENDERING_OVERHEAD,
+    RENDERINGS_TABLE,
+    EmbeddingCache,
+    LocalTier,
+    item_keys,
+    key_prefix,
+    unit_key,
+)
 from gateway.codec import Entry, decode, encode, encode_unit
 from gateway.keys import CACHE_PREFIX
 from gateway.protocol import parse_embedding_request
@@ -212,7 +222,7 @@ def test_the_local_tier_is_an_lru_bounded_by_bytes_renderings_included() -> None
     assert tier.get_many([b"b"]) == [None] and len(tier) == 3 and tier.bytes == 3 * cost
     tier.keep_rendering(a, "float", b"x" * 96)  # a rendering is a use and counts too: c goes; d, a
     assert tier.get_many([b"c"]) == [None] and len(tier) == 2
-    assert tier.bytes == 2 * cost + 96 + RENDERING_OVERHEAD
+    assert tier.bytes == 2 * cost + 96 + RENDERING_OVERHEAD + RENDERINGS_TABLE
     found = tier.get_many([b"a", b"x", b"d"])
     assert [h.entry if h else None for h in found] == [entries[b"a"], None, entries[b"d"]]
     assert found[0] is a and a.renderings == {"float": b"x" * 96}
@@ -251,7 +261,8 @@ def test_a_view_into_an_upstream_batch_is_kept_as_its_own_array() -> None:
 @pytest.mark.parametrize("dim", [32, 1024])
 def test_the_local_tiers_bound_is_what_its_entries_cost_the_process(dim: int) -> None:
     """`max_bytes` bounds the process: what tracemalloc sees the tier take is within 10% of what it counts,
-    whatever the vector size (each entry arrives as a view into an upstream batch, as from the coalescer)."""
+    whatever the vector size (each entry arrives as a view into an upstream batch, as from the coalescer, and its
+    float rendering as orjson makes it)."""
     import tracemalloc
 
     n = 4000
@@ -264,6 +275,7 @@ def test_the_local_tiers_bound_is_what_its_entries_cost_the_process(dim: int) ->
         for i, key in enumerate(keys):
             held = tier.put(key, Entry(batch[i], 7))
             tier.keep_rendering(held, "base64", b'"' + b"A" * (dim * 4 * 4 // 3) + b'"')
+            tier.keep_rendering(held, "float", render.fragment(batch[i], "float"))  # as orjson makes it
         taken = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()

@@ -153,6 +153,28 @@ def test_the_parse_memo_is_bounded_and_keyed_by_the_input_limit() -> None:
     assert off.parse(one, max_inputs=8) is not off.parse(one, max_inputs=8)
 
 
+@pytest.mark.parametrize("inputs", [1, 8])
+def test_the_parse_memos_bound_is_what_its_requests_cost_the_process(inputs: int) -> None:
+    """What tracemalloc sees remembered requests (keyed, as the cache keys them) take is within 10% of what the memo
+    counts: its bound bounds the process."""
+    import tracemalloc
+
+    from gateway.cache import key_prefix, request_keys
+
+    bodies = [request([f"remembered {i}-{j}" for j in range(inputs)], dimensions=32) for i in range(5000)]
+    memo = protocol.ParseMemo(max_bytes=1 << 40)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for raw in bodies:
+            remembered = memo.parse(raw, max_inputs=64)
+            request_keys(remembered, key_prefix(remembered, None))
+        taken = tracemalloc.get_traced_memory()[0] - before + sum(len(b) + 33 for b in bodies)  # the bodies it holds
+    finally:
+        tracemalloc.stop()
+    assert abs(taken - memo.lru.bytes) <= 0.1 * memo.lru.bytes, (taken, memo.lru.bytes)
+
+
 async def test_the_local_tiers_fill_is_exported(gateway: Gateway, cache_url: str) -> None:
     client = await gateway(cache={"url": cache_url})
     body = request(["measured a", "measured b"])
