@@ -83,6 +83,9 @@ class Held:
 # the LRU's node and tuple, `Held`, `Entry`, the renderings dict and one array header (tests/test_cache.py
 # checks it against tracemalloc).
 ENTRY_OVERHEAD = 500
+# What the allocators add per entry beyond what its objects request, under the tier's churn (process RSS against
+# the counted bytes, bench/memory_bound.py): small entries pay it in full.
+ALLOCATOR_OVERHEAD = 400
 ARRAY_OVERHEAD = 112  # each further array of a unit
 RENDERING_OVERHEAD = 40  # a rendering's bytes object and its dict slot, beyond its length
 RENDERINGS_TABLE = 110  # the entry's renderings dict growing to hold its first
@@ -111,7 +114,7 @@ class LocalTier:
         """Keeps `entry` (as arrays of its own, so a view never pins a whole upstream batch)."""
         entry, cost = _owned(entry)
         held = Held(key, entry, self.clock() + self.ttl_s)
-        self.lru.put(key, held, ENTRY_OVERHEAD + len(key) + cost)
+        self.lru.put(key, held, ENTRY_OVERHEAD + ALLOCATOR_OVERHEAD + len(key) + cost)
         return held
 
     def keep_rendering(self, held: Held, output: str, rendering: bytes) -> None:
