@@ -95,7 +95,7 @@ async def _parts(app: web.Application) -> AsyncIterator[None]:
     app[K.CACHE] = cache
     memo = app[K.PARSE_MEMO] = ParseMemo(config.cache.hot_requests_max_bytes)
     live.on_change(lambda _: memo.clear())  # parsing's rules come from the config
-    metrics.on_scrape(functools.partial(_local_snapshot, cache, metrics), name="hot_cache")
+    metrics.on_scrape(functools.partial(_local_snapshot, cache, memo, metrics), name="hot_cache")
     state_redis = _state_client(config.state)
     app[K.STATE_REDIS] = state_redis
     usage = _usage_recorder(config, state_redis, metrics)
@@ -266,9 +266,11 @@ def _batch_worker(
     return worker
 
 
-async def _local_snapshot(cache: EmbeddingCache, metrics: Metrics) -> None:
+async def _local_snapshot(cache: EmbeddingCache, memo: ParseMemo, metrics: Metrics) -> None:
     metrics.hot_bytes.labels("entries").set(cache.local.bytes)
     metrics.hot_items.labels("entries").set(len(cache.local))
+    metrics.hot_bytes.labels("requests").set(memo.lru.bytes)
+    metrics.hot_items.labels("requests").set(len(memo.lru))
 
 
 async def _batch_snapshot(jobs: JobStore, metrics: Metrics) -> None:

@@ -268,8 +268,8 @@ class Metrics:
             "eg_process_open_fds", "Open file descriptors, sockets included", ["kind"], registry=r,
             multiprocess_mode="livesum",
         )
-        # The in-process hot tiers (gateway/cache.py HotCache, gateway/memo.py): how full they are says whether
-        # `cache.hot_max_bytes` / `cache.hot_requests_max_bytes` are big enough for the traffic's hot set.
+        # The in-process tier of entries (gateway/cache.py) and the parse memo of requests (gateway/protocol.py): how
+        # full they are says whether `cache.hot_max_bytes` / `cache.hot_requests_max_bytes` fit the traffic's hot set.
         self.hot_bytes = Gauge(
             "eg_hot_cache_bytes", "Bytes the in-process hot tiers hold (tier = entries / requests)", ["tier"],
             registry=r, multiprocess_mode="livesum",

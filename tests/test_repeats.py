@@ -186,3 +186,6 @@ async def test_the_local_tiers_fill_is_exported(gateway: Gateway, cache_url: str
     assert len(local) == 2
     assert 'eg_hot_cache_items{tier="entries"} 2.0' in text
     assert f'eg_hot_cache_bytes{{tier="entries"}} {float(local.bytes)}' in text
+    memo = client.app[K.PARSE_MEMO].lru
+    assert len(memo) == 1 and 'eg_hot_cache_items{tier="requests"} 1.0' in text
+    assert f'eg_hot_cache_bytes{{tier="requests"}} {float(memo.bytes)}' in text
