@@ -4,8 +4,6 @@ within 2 s without a reload, and a key revoked through another is refused by all
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,8 +14,8 @@ import pytest
 import requests
 
 from .conftest import ADMIN_KEY, base_config
+from .gateways import serve
 from .redis_server import free_port
-from .test_replicas import ROOT, _wait_ready
 
 REPLICAS = 3
 PROPAGATION_S = 2.0  # the issue's promise
@@ -26,26 +24,10 @@ PROPAGATION_S = 2.0  # the issue's promise
 @contextlib.contextmanager
 def serve_replicas(redis_url: str, tmp_path: Path, **overrides: Any) -> Iterator[list[str]]:
     """`REPLICAS` gateway processes (`serve`) sharing one Redis for cache and state; their base URLs."""
-    procs, urls = [], []
-    try:
-        for i in range(REPLICAS):
-            port = free_port()
-            config = base_config(listen={"host": "127.0.0.1", "port": port}, cache={"url": redis_url},
-                                 state={"url": redis_url}, log_level="WARNING", **overrides)
-            path = tmp_path / f"replica-{i}.yaml"
-            path.write_bytes(orjson.dumps(config))
-            with (tmp_path / f"replica-{i}.log").open("wb") as log:
-                procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(path)],
-                                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-            urls.append(f"http://127.0.0.1:{port}")
-        for proc, url in zip(procs, urls, strict=True):
-            _wait_ready(proc, url)
+    configs = [base_config(listen={"host": "127.0.0.1", "port": free_port()}, cache={"url": redis_url},
+                           state={"url": redis_url}, log_level="WARNING", **overrides) for _ in range(REPLICAS)]
+    with serve(tmp_path, configs) as urls:
         yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
 
 
 @pytest.fixture

@@ -4,23 +4,20 @@ whether they are three `serve` processes on three ports or one `serve --workers 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import orjson
 import pytest
 import requests
 
 from gateway.auth import hash_key
 
 from .conftest import TEAM_A_KEY, base_config
+from .gateways import serve
 from .redis_server import free_port
 from .reliability import Answer, assert_error_shape, record, send
 
-ROOT = Path(__file__).resolve().parent.parent
 REPLICAS = 3
 REQUESTS = 500
 # Each request is one new 4-character input: the gateway's estimate (bytes/4 + 2) and the simulator's count
@@ -32,46 +29,14 @@ ADMITTED = 137
 @pytest.fixture(params=["3 serve processes", "serve --workers 3"])
 def replicas(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> Iterator[list[str]]:
     """Three gateway processes sharing one Redis for cache and state; the URLs to send to (one per port)."""
-    procs, urls = [], []
     team = {"name": "team-a", "keys": [hash_key(TEAM_A_KEY)],
             "quota": {"tokens_per_month": ADMITTED * TOKENS_PER_REQUEST}}
     workers = request.param == "serve --workers 3"
-    try:
-        for i in range(1 if workers else REPLICAS):
-            port = free_port()
-            config = base_config(
-                listen={"host": "127.0.0.1", "port": port}, cache={"url": redis_url}, state={"url": redis_url},
-                teams=[team], log_level="WARNING",
-            )
-            path = tmp_path / f"replica-{i}.yaml"
-            path.write_bytes(orjson.dumps(config))  # JSON is YAML
-            with (tmp_path / f"replica-{i}.log").open("wb") as log:  # the child keeps its own descriptor
-                args = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
-                procs.append(subprocess.Popen([*args, "--workers", str(REPLICAS)] if workers else args,
-                                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-            urls.append(f"http://127.0.0.1:{port}")
-        for proc, url in zip(procs, urls, strict=True):
-            _wait_ready(proc, url)
+    configs = [base_config(listen={"host": "127.0.0.1", "port": free_port()}, cache={"url": redis_url},
+                           state={"url": redis_url}, teams=[team], log_level="WARNING")
+               for _ in range(1 if workers else REPLICAS)]
+    with serve(tmp_path, configs, *(["--workers", str(REPLICAS)] if workers else [])) as urls:
         yield urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], url: str) -> None:
-    import time
-
-    for _ in range(600):
-        assert proc.poll() is None, f"replica {url} exited at start"
-        try:
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.05)  # a process starting: nothing to wait on but its port
-    raise AssertionError(f"replica {url} never answered")
 
 
 def _billed_tokens(url: str) -> float:
