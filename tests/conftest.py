@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from gateway import appkeys as K
 from gateway import config as cfg
 from gateway.auth import hash_key
+from gateway.quota import MemoryQuotaBackend, QuotaBackend, RedisQuotaBackend
 from gateway.sim import SimConfig, Simulator, start_sim
 from gateway.store.redis import connect
 
@@ -159,3 +161,40 @@ async def state_client(request: pytest.FixtureRequest, redis_server: RedisServer
         yield client
     finally:
         await client.aclose()
+
+
+class AccessRecords(logging.Handler):
+    """A handler attached to `gateway.access` itself, as a log shipper would attach one: every record it gets."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def lines(self) -> list[dict[str, Any]]:
+        """Each record's access line, as JSON."""
+        return [orjson.loads(r.getMessage()) for r in self.records]
+
+
+@pytest.fixture
+def access() -> Iterator[AccessRecords]:
+    logger = logging.getLogger("gateway.access")
+    handler, level = AccessRecords(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def quota_backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[QuotaBackend]:
+    """The same contract for both backends; tests pass the clock (`now_ms`) explicitly."""
+    if request.param == "memory":
+        yield MemoryQuotaBackend()
+        return
+    async with state_client(request, redis_server) as client:
+        yield RedisQuotaBackend(client)

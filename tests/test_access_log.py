@@ -6,37 +6,16 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
-import pytest
 
-from .conftest import Gateway, auth
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+from .conftest import AccessRecords, Gateway, auth
 
 
-@pytest.fixture
-def shipper() -> Iterator[Collect]:
-    """A handler attached to `gateway.access` itself, as a log shipper would attach one."""
-    access = logging.getLogger("gateway.access")
-    handler, level = Collect(), access.level
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
-    yield handler
-    access.removeHandler(handler)
-    access.setLevel(level)
-
-
-async def test_a_handler_on_gateway_access_receives_one_record_per_request(gateway: Gateway, shipper: Collect) -> None:
+async def test_a_handler_on_gateway_access_receives_one_record_per_request(
+    gateway: Gateway, access: AccessRecords
+) -> None:
     client = await gateway()
     sent: list[tuple[str, str, dict[str, Any]]] = [
         ("POST", "/v1/embeddings", {"json": {"model": "jina-embeddings-v3", "input": ["a", "b"]}, "headers": auth()}),
@@ -52,23 +31,23 @@ async def test_a_handler_on_gateway_access_receives_one_record_per_request(gatew
         async with client.request(method, path, **kwargs) as resp:
             await resp.read()
             statuses.append((resp.status, resp.headers["X-Request-Id"]))
-    lines = [orjson.loads(r.getMessage()) for r in shipper.records]
+    lines = [orjson.loads(r.getMessage()) for r in access.records]
     assert [(line["status"], line["request_id"]) for line in lines] == statuses[:-1]
     assert [line["path"] for line in lines] == ["/v1/embeddings", "/v1/embeddings", "/v1/embeddings", "/v1/usage",
                                                 "unmatched", "/metrics"]
     assert lines[0]["team"] == "team-a" and lines[0]["inputs"] == 2 and lines[0]["misses"] == 2
     assert lines[1]["hits"] == 1
     # The same fields, structured, for a handler that ships them as they are.
-    assert [r.access for r in shipper.records] == lines  # type: ignore[attr-defined]
-    assert all(r.levelno == logging.INFO for r in shipper.records)
+    assert [r.access for r in access.records] == lines  # type: ignore[attr-defined]
+    assert all(r.levelno == logging.INFO for r in access.records)
 
 
-async def test_at_warning_level_no_access_record_is_made(gateway: Gateway, shipper: Collect) -> None:
+async def test_at_warning_level_no_access_record_is_made(gateway: Gateway, access: AccessRecords) -> None:
     client = await gateway()
     logging.getLogger("gateway.access").setLevel(logging.WARNING)  # what `log_level: WARNING` does to it
     async with client.get("/v1/usage", headers=auth()) as resp:
         assert resp.status == 200
-    assert shipper.records == []
+    assert access.records == []
 
 
 def test_a_serving_process_writes_each_access_record_as_one_json_line_on_stderr() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway import appkeys as K
-from gateway.quota import MemoryQuotaBackend, QuotaBackend, RedisQuotaBackend
+from gateway.quota import QuotaBackend
 
 from .clock import FakeClock, utc
-from .conftest import TEAM_A_KEY, Gateway, auth, state_client
-from .redis_server import RedisServer, free_port
+from .conftest import TEAM_A_KEY, Gateway, auth
+from .redis_server import free_port
 from .test_quota import limits
 
 MODEL = "jina-embeddings-v3"
@@ -29,19 +28,12 @@ REQUEST_USD = 0.003
 T0 = round(utc(2026, 3, 31, 23, 0, 0) * 1000)  # an hour before April, UTC
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
-async def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[QuotaBackend]:
-    if request.param == "memory":
-        yield MemoryQuotaBackend()
-        return
-    async with state_client(request, redis_server) as client:
-        yield RedisQuotaBackend(client)
 
 
-async def test_budget_is_checked_and_debited_with_the_other_policies(backend: QuotaBackend) -> None:
+async def test_budget_is_checked_and_debited_with_the_other_policies(quota_backend: QuotaBackend) -> None:
     lim = limits(tpd=1000)
     lim = type(lim)(lim.values, budget=10_000)
-    run = backend.run
+    run = quota_backend.run
     first = await run("t", lim, mode="admit", requests=1, tokens=10, now_ms=T0, cost=6000)
     assert first.admitted and first.budget == (4000, 3_600_000) and first.states[2][0] == 990
     refused = await run("t", lim, mode="admit", requests=1, tokens=10, now_ms=T0, cost=6000)

@@ -29,8 +29,11 @@ from gateway.errors import GatewayError
 from gateway.protocol import RENDER_FIELDS, parse_embedding_request, parse_json_object
 from gateway.render import render_embeddings
 from gateway.sim import MIN_DIMENSIONS, NATIVE_DIMS, TASKS
+from gateway.store import open_cache_store
 from gateway.tokens import split
 from gateway.upstream import decode_answer
+
+from .redis_server import RedisServer
 
 FUZZ = settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 
@@ -246,13 +249,14 @@ def corrupted_entries(draw: st.DrawFn) -> bytes:
 @given(raw=st.binary(max_size=200) | corrupted_entries())
 @example(raw=encode(np.zeros(0, dtype="<f4"), 1))  # a bare header: no vector at all
 @example(raw=b"\x01\x02\x01\x00" + bytes(8))  # a unit of one 0-dim vector
-async def test_cache_survives_garbage_entries(raw: bytes) -> None:
-    """A corrupt entry in the store is a miss (or a well-formed entry), never an exception."""
-    class OneEntry:
-        async def get_many(self, keys: Any) -> list[bytes]:
-            return [raw]
-
-    (held,) = await EmbeddingCache(OneEntry(), ttl_s=60, local_max_bytes=1 << 20).get_many([b"k"])  # type: ignore[arg-type]
+async def test_cache_survives_garbage_entries(redis_server: RedisServer, raw: bytes) -> None:
+    """A corrupt entry in the store (the suite's real Redis) is a miss (or a well-formed entry), never an exception."""
+    store = open_cache_store(redis_server.url, max_bytes=1 << 20)
+    try:
+        await store.set_many([(b"k", raw)], 60)
+        (held,) = await EmbeddingCache(store, ttl_s=60, local_max_bytes=1 << 20).get_many([b"k"])
+    finally:
+        await store.close()
     if held is not None:
         vecs = held.entry.vectors if isinstance(held.entry.vectors, list) else [held.entry.vectors]
         assert all(v.dtype == np.dtype("<f4") and v.size > 0 for v in vecs)

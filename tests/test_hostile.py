@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -16,31 +14,11 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from .conftest import TEAM_A_KEY, Gateway, auth, sim_of
+from .conftest import TEAM_A_KEY, AccessRecords, Gateway, auth, sim_of
 
 BAD = b"\xff\xfe"  # not UTF-8
 PROBES = {"/healthz", "/readyz"}  # answer without a key, and are not logged (design: polled, no work)
 MODEL = "jina-embeddings-v3"
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(orjson.loads(record.getMessage()))
-
-
-@pytest.fixture
-def access() -> Iterator[Collect]:
-    logger = logging.getLogger("gateway.access")
-    handler, level = Collect(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 class Answer:
@@ -101,7 +79,7 @@ async def file_of(client: TestClient, rows: bytes) -> str:
 
 
 async def test_an_authorization_that_is_not_utf8_is_401_on_every_route_and_logged(
-    gateway: Gateway, access: Collect
+    gateway: Gateway, access: AccessRecords
 ) -> None:
     client = await gateway()
     file_id = await file_of(client, b'{"custom_id": "a", "body": {"input": "x"}}\n')
@@ -125,7 +103,7 @@ async def test_an_authorization_that_is_not_utf8_is_401_on_every_route_and_logge
 
 
 async def test_a_request_id_that_is_not_utf8_is_replaced_on_every_route_and_the_delete_is_logged(
-    gateway: Gateway, access: Collect
+    gateway: Gateway, access: AccessRecords
 ) -> None:
     client = await gateway()
     file_id = await file_of(client, b'{"custom_id": "a", "body": {"input": "x"}}\n')
@@ -147,7 +125,7 @@ async def test_a_request_id_that_is_not_utf8_is_replaced_on_every_route_and_the_
                                          if p not in PROBES]) + 1  # the upload, each route, the DELETE
 
 
-async def test_a_wrong_key_with_a_bad_request_id_is_a_logged_401(gateway: Gateway, access: Collect) -> None:
+async def test_a_wrong_key_with_a_bad_request_id_is_a_logged_401(gateway: Gateway, access: AccessRecords) -> None:
     client = await gateway()
     answer = await raw(client, "POST", "/v1/embeddings", [(b"Authorization", b"Bearer wrong"), (b"X-Request-Id", BAD)],
                        b'{"model": "%s", "input": "x"}' % MODEL.encode())
@@ -164,7 +142,7 @@ async def test_a_wrong_key_with_a_bad_request_id_is_a_logged_401(gateway: Gatewa
     ],
 )
 async def test_json_nested_past_the_limit_is_a_422_naming_the_field(
-    gateway: Gateway, access: Collect, body: bytes, field: str
+    gateway: Gateway, access: AccessRecords, body: bytes, field: str
 ) -> None:
     client = await gateway()
     async with client.post("/v1/embeddings", data=body, headers=auth()) as resp:
@@ -186,7 +164,7 @@ async def test_json_exactly_at_the_limit_is_embedded(gateway: Gateway) -> None:
         assert resp.status == 422
 
 
-async def test_batch_lines_nested_past_the_limit_are_refused(gateway: Gateway, access: Collect) -> None:
+async def test_batch_lines_nested_past_the_limit_are_refused(gateway: Gateway, access: AccessRecords) -> None:
     client = await gateway()
     deep = b'{"custom_id": "deep", "body": {"input": [{"text": "a", "x": %s}]}}' % nested(300)
     inline = b'{"model": "%s", "input": [%s]}' % (MODEL.encode(), deep)
@@ -214,7 +192,9 @@ async def test_batch_lines_nested_past_the_limit_are_refused(gateway: Gateway, a
 
 
 @pytest.mark.parametrize("limit", ["%C2%B9", "%D9%A3", "1%00", "-1", "0", "101", "9" * 5000, ""])
-async def test_query_integers_are_ascii_digits_in_range_or_422(gateway: Gateway, access: Collect, limit: str) -> None:
+async def test_query_integers_are_ascii_digits_in_range_or_422(
+    gateway: Gateway, access: AccessRecords, limit: str
+) -> None:
     client = await gateway()
     key = f"Bearer {TEAM_A_KEY}".encode()
     answer = await raw(client, "GET", f"/v1/batches?limit={limit}", [(b"Authorization", key)])
@@ -250,7 +230,7 @@ async def test_dimensions_written_as_an_integral_float_are_that_integer(gateway:
             assert resp.status == 422
 
 
-async def test_a_content_type_that_is_not_utf8_is_a_client_error(gateway: Gateway, access: Collect) -> None:
+async def test_a_content_type_that_is_not_utf8_is_a_client_error(gateway: Gateway, access: AccessRecords) -> None:
     client = await gateway()
     key = auth()["Authorization"].encode()
     upload = await raw(client, "POST", "/v1/files", [(b"Authorization", key),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -17,7 +16,7 @@ from gateway.keys import quota_key
 from gateway.quota import DAY_MS, Limits, MemoryQuotaBackend, QuotaBackend, RedisQuotaBackend
 
 from .clock import FakeClock, utc
-from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of, state_client
+from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, sim_of
 from .redis_server import RedisServer
 
 MODEL = "jina-embeddings-v3"
@@ -28,16 +27,6 @@ def limits(rpm: int = 0, tpm: int = 0, tpd: int = 0, tpmo: int = 0) -> Limits:
     return Limits((rpm, tpm, tpd, tpmo))
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
-async def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[QuotaBackend]:
-    """The same contract for both backends; tests pass the clock (`now_ms`) explicitly."""
-    if request.param == "memory":
-        yield MemoryQuotaBackend()
-        return
-    async with state_client(request, redis_server) as client:
-        yield RedisQuotaBackend(client)
-
-
 async def admit(b: QuotaBackend, lim: Limits, now: int, tokens: int, requests: int = 1, team: str = "t") -> Any:
     return await b.run(team, lim, mode="admit", requests=requests, tokens=tokens, now_ms=now)
 
@@ -45,43 +34,43 @@ async def admit(b: QuotaBackend, lim: Limits, now: int, tokens: int, requests: i
 # ---- the contract ----------------------------------------------------------------------------------------
 
 
-async def test_token_bucket_admits_a_minute_then_says_exactly_when(backend: QuotaBackend) -> None:
+async def test_token_bucket_admits_a_minute_then_says_exactly_when(quota_backend: QuotaBackend) -> None:
     lim = limits(tpm=10_000)
-    verdicts = [await admit(backend, lim, T0, 500) for _ in range(21)]
+    verdicts = [await admit(quota_backend, lim, T0, 500) for _ in range(21)]
     assert [v.admitted for v in verdicts] == [True] * 20 + [False]
     refused = verdicts[-1]
     assert refused.blocking == 1 and refused.wait_ms == 3000  # 500 tokens at 10,000 per 60 s
     assert refused.states[1] == (0, 60_000)  # nothing left; the bucket is empty again in a minute
-    assert not (await admit(backend, lim, T0 + 2999, 500)).admitted
-    assert (await admit(backend, lim, T0 + 3000, 500)).admitted
+    assert not (await admit(quota_backend, lim, T0 + 2999, 500)).admitted
+    assert (await admit(quota_backend, lim, T0 + 3000, 500)).admitted
 
 
-async def test_all_policies_or_none(backend: QuotaBackend) -> None:
+async def test_all_policies_or_none(quota_backend: QuotaBackend) -> None:
     lim = limits(rpm=100, tpm=1000, tpd=5000)
-    assert (await admit(backend, lim, T0, 600)).admitted
-    refused = await admit(backend, lim, T0, 600)
+    assert (await admit(quota_backend, lim, T0, 600)).admitted
+    refused = await admit(quota_backend, lim, T0, 600)
     assert not refused.admitted and refused.blocking == 1
     # The refused request debited nothing: one request and 600 tokens are spent, not two and 1200.
     assert refused.states[0][0] == 99 and refused.states[2][0] == 4400
-    peek = await admit(backend, lim, T0, 0, requests=0)
+    peek = await admit(quota_backend, lim, T0, 0, requests=0)
     assert peek.admitted and [s[0] for s in peek.states[:3]] == [99, 400, 4400]
 
 
-async def test_request_rate_counts_requests_whatever_their_tokens(backend: QuotaBackend) -> None:
+async def test_request_rate_counts_requests_whatever_their_tokens(quota_backend: QuotaBackend) -> None:
     lim = limits(rpm=2, tpm=1000)
-    assert (await admit(backend, lim, T0, 0)).admitted
-    assert (await admit(backend, lim, T0, 0)).admitted
-    refused = await admit(backend, lim, T0, 0)
+    assert (await admit(quota_backend, lim, T0, 0)).admitted
+    assert (await admit(quota_backend, lim, T0, 0)).admitted
+    refused = await admit(quota_backend, lim, T0, 0)
     assert not refused.admitted and refused.blocking == 0 and refused.wait_ms == 30_000
 
 
-async def test_longest_wait_decides_retry_after(backend: QuotaBackend) -> None:
+async def test_longest_wait_decides_retry_after(quota_backend: QuotaBackend) -> None:
     lim = limits(rpm=1, tpm=100)
-    assert (await admit(backend, lim, T0, 100)).admitted
-    refused = await admit(backend, lim, T0 + 10_000, 100)
+    assert (await admit(quota_backend, lim, T0, 100)).admitted
+    refused = await admit(quota_backend, lim, T0 + 10_000, 100)
     # rpm frees in 50 s, tpm in 60 - 10 = 50 s as well; at T0 + 20 s the token bucket needs 40 s, rpm 40 s.
     assert refused.wait_ms == 50_000
-    refused = await admit(backend, lim, T0 + 20_000, 50)
+    refused = await admit(quota_backend, lim, T0 + 20_000, 50)
     assert refused.blocking == 0 and refused.wait_ms == 40_000  # tpm would take only 10 s for 50 tokens
 
 
@@ -97,53 +86,53 @@ async def test_longest_wait_decides_retry_after(backend: QuotaBackend) -> None:
     ],
 )
 async def test_day_and_month_roll_over_at_utc_boundaries(
-    backend: QuotaBackend, start: float, policy: int, limit: str
+    quota_backend: QuotaBackend, start: float, policy: int, limit: str
 ) -> None:
     lim = limits(**{limit: 1000})
     now = round(start * 1000)
-    assert (await admit(backend, lim, now - 3_600_000, 1000)).admitted  # spent an hour before the boundary
-    refused = await admit(backend, lim, now, 1)
+    assert (await admit(quota_backend, lim, now - 3_600_000, 1000)).admitted  # spent an hour before the boundary
+    refused = await admit(quota_backend, lim, now, 1)
     assert not refused.admitted and refused.blocking == policy and refused.wait_ms == 1000
     assert refused.states[policy] == (0, 1000)
-    assert not (await admit(backend, lim, now + 999, 1)).admitted
-    after = await admit(backend, lim, now + 1000, 1)
+    assert not (await admit(quota_backend, lim, now + 999, 1)).admitted
+    after = await admit(quota_backend, lim, now + 1000, 1)
     assert after.admitted and after.states[policy][0] == 999
 
 
-async def test_month_window_is_not_a_day_window(backend: QuotaBackend) -> None:
+async def test_month_window_is_not_a_day_window(quota_backend: QuotaBackend) -> None:
     lim = limits(tpmo=1000)
-    assert (await admit(backend, lim, round(utc(2025, 4, 1) * 1000), 600)).admitted
-    refused = await admit(backend, lim, round(utc(2025, 4, 30, 12) * 1000), 600)
+    assert (await admit(quota_backend, lim, round(utc(2025, 4, 1) * 1000), 600)).admitted
+    refused = await admit(quota_backend, lim, round(utc(2025, 4, 30, 12) * 1000), 600)
     assert not refused.admitted and refused.wait_ms == 12 * 3_600_000  # until May 1st
 
 
-async def test_reconcile_refunds_and_charges(backend: QuotaBackend) -> None:
+async def test_reconcile_refunds_and_charges(quota_backend: QuotaBackend) -> None:
     lim = limits(tpm=1000, tpd=1000)
-    v = await admit(backend, lim, T0, 800)
-    await backend.run("t", lim, mode="adjust", requests=0, tokens=-300, reserved=(v.day, v.month), now_ms=T0)
-    assert [s[0] for s in (await admit(backend, lim, T0, 0, requests=0)).states[1:3]] == [500, 500]
+    v = await admit(quota_backend, lim, T0, 800)
+    await quota_backend.run("t", lim, mode="adjust", requests=0, tokens=-300, reserved=(v.day, v.month), now_ms=T0)
+    assert [s[0] for s in (await admit(quota_backend, lim, T0, 0, requests=0)).states[1:3]] == [500, 500]
     # The upstream counted more than the estimate: the team pays, even past its quota (debt), and waits.
-    await backend.run("t", lim, mode="adjust", requests=0, tokens=700, reserved=(v.day, v.month), now_ms=T0)
-    refused = await admit(backend, lim, T0, 1)
+    await quota_backend.run("t", lim, mode="adjust", requests=0, tokens=700, reserved=(v.day, v.month), now_ms=T0)
+    refused = await admit(quota_backend, lim, T0, 1)
     assert not refused.admitted and refused.states[2][0] == 0
     assert refused.wait_ms == DAY_MS // 2  # the day quota (1200 of 1000) decides: until midnight
 
 
-async def test_a_refund_never_lands_in_a_later_day(backend: QuotaBackend) -> None:
+async def test_a_refund_never_lands_in_a_later_day(quota_backend: QuotaBackend) -> None:
     lim = limits(tpd=1000)
     before = round(utc(2025, 3, 14, 23, 59, 59) * 1000)
-    v = await admit(backend, lim, before, 800)
+    v = await admit(quota_backend, lim, before, 800)
     after = before + 2000
-    assert (await admit(backend, lim, after, 900)).admitted
-    await backend.run("t", lim, mode="adjust", requests=0, tokens=-800, reserved=(v.day, v.month), now_ms=after)
-    assert (await admit(backend, lim, after, 0, requests=0)).states[2][0] == 100
+    assert (await admit(quota_backend, lim, after, 900)).admitted
+    await quota_backend.run("t", lim, mode="adjust", requests=0, tokens=-800, reserved=(v.day, v.month), now_ms=after)
+    assert (await admit(quota_backend, lim, after, 0, requests=0)).states[2][0] == 100
 
 
-async def test_teams_are_independent(backend: QuotaBackend) -> None:
+async def test_teams_are_independent(quota_backend: QuotaBackend) -> None:
     lim = limits(rpm=1)
-    assert (await admit(backend, lim, T0, 0, team="a")).admitted
-    assert (await admit(backend, lim, T0, 0, team="b")).admitted
-    assert not (await admit(backend, lim, T0, 0, team="a")).admitted
+    assert (await admit(quota_backend, lim, T0, 0, team="a")).admitted
+    assert (await admit(quota_backend, lim, T0, 0, team="b")).admitted
+    assert not (await admit(quota_backend, lim, T0, 0, team="a")).admitted
 
 
 async def test_redis_and_memory_agree_on_a_random_history(redis_server: RedisServer) -> None:
