@@ -57,7 +57,7 @@ async def test_upstream_refusing_the_gateway_key_is_502_not_401(gateway: Gateway
     client = await gateway(sim=SimConfig(api_key="another-key"))
     resp = await client.post("/v1/embeddings", json={"model": MODEL, "input": ["x"]}, headers=auth())
     assert resp.status == 502
-    assert_error_shape(await resp.read(), "UPSTREAM_AUTH")
+    assert_error_shape(await resp.read(), "UPSTREAM_AUTH_FAILED")
     assert sim_of(client).calls == 1  # not retried: retrying cannot fix a wrong key
 
 

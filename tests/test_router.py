@@ -190,7 +190,7 @@ async def test_a_refused_key_is_ejected_after_its_first_401_and_the_calls_move_o
 async def test_every_key_refused_is_a_502_upstream_auth(gateway: Gateway) -> None:
     client = await gateway(sim=SimConfig(api_keys=("something else",)), upstreams=[one_upstream()])
     status, _, raw = await post(client, {"model": "jina-embeddings-v3", "input": ["refused"]})
-    assert status == 502 and orjson.loads(raw)["code"] == "UPSTREAM_AUTH"
+    assert status == 502 and orjson.loads(raw)["code"] == "UPSTREAM_AUTH_FAILED"
     assert sims(client)["jina"].calls == 2  # each key once: retrying cannot fix a refused key
     status, _, raw = await post(client, {"model": "jina-embeddings-v3", "input": ["refused again"]})
     assert status == 502 and sims(client)["jina"].calls == 2  # ejected keys are left out

@@ -16,6 +16,8 @@ from ..pacing import Pacer
 
 log = logging.getLogger("gateway.upstream")
 
+AUTH_FAILED = "UPSTREAM_AUTH_FAILED"  # the 502's code when every key of a pool was refused (401/403)
+
 
 @dataclass(eq=False)
 class ApiKey:
@@ -60,8 +62,8 @@ class KeyPool:
 
     async def acquire(self, tokens: int, deadline: float) -> ApiKey:
         """A key with a free slot and pacing room, the least busy first; waits for a slot while every usable key
-        is busy. Raises UpstreamFailed(UPSTREAM_AUTH) when every key is ejected, AllKeysCooling when every usable
-        one is cooling, UpstreamRateLimited when no key's pacing has room before `deadline`."""
+        is busy. Raises UpstreamFailed(AUTH_FAILED) when every key is ejected, AllKeysCooling when every usable one
+        is cooling, UpstreamRateLimited when no key's pacing has room before `deadline`."""
         refused: set[int] = set()
         limited: UpstreamRateLimited | None = None
         while True:
@@ -97,7 +99,7 @@ class KeyPool:
         now = self.monotonic()
         usable = [k for k in self.keys if k.ejected_until <= now]
         if not usable:
-            raise UpstreamFailed(f"every key of upstream {self.upstream!r} was refused by it", code="UPSTREAM_AUTH")
+            raise UpstreamFailed(f"every key of upstream {self.upstream!r} was refused by it", code=AUTH_FAILED)
         warm = [k for k in usable if k.cool_until <= now]
         if not warm:
             raise AllKeysCooling(min(k.cool_until for k in usable) - now)

@@ -14,6 +14,7 @@ from ..metrics import Metrics
 from ..protocol import Item
 from .breaker import STATES
 from .client import UpstreamClient, UpstreamResult
+from .keypool import AUTH_FAILED
 
 log = logging.getLogger("gateway.upstream")
 
@@ -118,7 +119,7 @@ class Router:
         breaker = client.breaker
         if outcome == "ok":
             breaker.success()
-        elif isinstance(outcome, GatewayError) and outcome.status in (502, 504) and outcome.code != "UPSTREAM_AUTH":
+        elif isinstance(outcome, GatewayError) and outcome.status in (502, 504) and outcome.code != AUTH_FAILED:
             breaker.failure()
         else:
             breaker.abandon()
