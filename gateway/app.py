@@ -236,6 +236,7 @@ async def _router(app: web.Application, state_redis: Any, sim_runners: list[web.
     if sims:
         app[K.SIMULATOR] = next(iter(sims.values()))
     router = Router(clients, app[K.METRICS])
+    app[K.LIVE].on_change(router.reconfigure)
     await router.start()
     return router
 

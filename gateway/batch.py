@@ -497,8 +497,7 @@ class BatchWorker:
 
     def _account(self, team: str, model: str, lines: int, inputs: int, outcome: Outcome) -> None:
         """The same metrics and durable usage as `/v1/embeddings` records; each line counts as a request."""
-        price = self.live.config.prices.get(model, 0.0)
-        cost, saved = outcome.upstream_tokens * price / 1e6, outcome.cached_tokens * price / 1e6
+        cost, saved = outcome.cost_usd, outcome.cached_tokens * self.live.config.hit_prices.get(model, 0.0) / 1e6
         m = self.metrics
         m.inputs.labels(team, model, "hit").inc(outcome.hits)
         m.inputs.labels(team, model, "miss").inc(outcome.misses)
@@ -511,7 +510,7 @@ class BatchWorker:
             self.usage.record(team, model, Tally(
                 requests=lines, inputs=inputs, hits=outcome.hits, misses=outcome.misses, joined=outcome.joined,
                 upstream_tokens=outcome.upstream_tokens, cached_tokens=outcome.cached_tokens, cost_usd=cost,
-                cost_saved_usd=saved,
+                cost_saved_usd=saved, estimated_tokens=outcome.estimated_tokens,
             ))
 
 

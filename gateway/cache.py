@@ -28,10 +28,22 @@ log = logging.getLogger("gateway.cache")
 # ---- keys ------------------------------------------------------------------------------------------------
 
 
-def key_prefix(request: EmbeddingRequest, team: str | None) -> bytes:
-    """The part of every key shared by a request's items: canonical params, and the team when scoped."""
+def key_prefix(request: EmbeddingRequest, team: str | None, namespace: bytes = b"") -> bytes:
+    """The part of every key shared by a request's items: canonical params, the team when scoped, and last the
+    cache namespace's `namespace_part` (b"" for the shared namespace)."""
     team_part = b"" if team is None else team.encode()
-    return request.canonical_params + b"\x00" + team_part + b"\x00"
+    return request.canonical_params + b"\x00" + team_part + b"\x00" + namespace
+
+
+def namespace_part(name: str | None) -> bytes:
+    """What an upstream's `cache_namespace` adds to its keys' prefix; None adds nothing, so keys stay as they were
+    before namespaces. Tagged `n`, which no item's canonical form starts with (s, t, o, `unit`)."""
+    return b"" if name is None else b"n" + name.encode() + b"\x00"
+
+
+def renamespaced(prefix: bytes, old: bytes, new: bytes) -> bytes:
+    """`prefix` (from `key_prefix` with namespace part `old`) with namespace part `new` instead."""
+    return prefix[: len(prefix) - len(old)] + new
 
 
 def request_keys(request: EmbeddingRequest, prefix: bytes) -> list[bytes]:

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--kind", choices=("jina", "openai", "tei"), default="jina", help="the wire format served")
     sim.add_argument("--bill-gone", action="store_true",
                      help="bill answers whose caller has gone, as a real upstream does")
+    sim.add_argument("--no-tokenize", action="store_true", help="serve no TEI /tokenize (404)")
     sim.set_defaults(func=_sim)
     return parser
 
@@ -133,6 +134,7 @@ def _sim(args: argparse.Namespace) -> int:
             api_keys=tuple(args.api_key or ()),
             kind=args.kind,
             bill_gone=args.bill_gone,
+            tokenize=not args.no_tokenize,
         ),
     )
     return 0

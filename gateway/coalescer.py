@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import config as cfg
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, item_keys, renamespaced, unit_key
 from .codec import Entry
 from .errors import GatewayError, Overloaded, UpstreamFailed, UpstreamRejected, UpstreamTimeout
 from .metrics import Metrics
@@ -75,6 +75,8 @@ class _Waiter:
     owner: int
     future: asyncio.Future[None]
     left: int  # inputs still in flight
+    billed: float = 0.0  # what the inputs it pays for cost: tokens × USD per 1M tokens of the upstream that billed them
+    estimated: int = 0  # of their tokens, those the gateway estimated (the upstream reported no usage)
 
     def landed(self, error: BaseException | None) -> None:
         if self.future.done():
@@ -103,9 +105,10 @@ class _Pending:
 
 @dataclass(slots=True)
 class _Group:
-    key: bytes
+    key: bytes  # the misses' key prefix (cache.key_prefix)
     params: dict[str, Any]
     max_inputs: int
+    namespace: bytes  # the prefix's cache namespace part: the model's first choice's
     heap: list[tuple[int, float, int, _Pending]] = field(default_factory=list)
     queued: int = 0
     queued_tokens: int = 0
@@ -126,10 +129,14 @@ class _Caller:
 
 @dataclass(frozen=True, slots=True)
 class Joined:
-    """What `submit` returns: an entry per miss, and which of them joined another caller's flight."""
+    """What `submit` returns: an entry per miss, and which of them joined another caller's flight; what the others
+    (this caller's own) cost, each priced as the upstream that billed it bills, and how many of their tokens are
+    the gateway's estimate."""
 
     entries: list[Entry]
     joined: list[bool]
+    cost_usd: float = 0.0
+    estimated_tokens: int = 0
 
 
 class _FairClock:
@@ -166,7 +173,7 @@ class Coalescer:
         self.metrics = metrics
         self.call_budget_s = call_budget_s
         self._flights: dict[bytes, _Pending] = {}
-        self._units: dict[bytes, asyncio.Future[Entry]] = {}
+        self._units: dict[bytes, asyncio.Future[Joined]] = {}
         self._unit_inputs = 0
         self._groups: dict[bytes, _Group] = {}
         self._waiting: dict[bytes, _Group] = {}  # the groups with queued inputs (scanned per dispatch)
@@ -214,7 +221,7 @@ class Coalescer:
 
     async def submit(
         self,
-        group_key: bytes,
+        prefix: bytes,
         params: dict[str, Any],
         misses: Sequence[Miss],
         *,
@@ -226,13 +233,15 @@ class Coalescer:
     ) -> Joined:
         """Resolves every miss (distinct keys) through one shared flight each; waits until `deadline`.
 
+        `prefix` is the misses' key prefix (cache.key_prefix): misses of one prefix batch together, and answers are
+        cached under their keys, or under the answering upstream's namespace when it is not the prefix's.
         `team` and `weight` order queued work across teams; `priority="batch"` queues behind interactive work.
         """
         if not misses:
             return Joined(entries=[], joined=[])
         caller = _Caller(owner, team, weight if weight > 0 else 1.0, _RANK[priority], deadline)
         waiter = _Waiter(owner, asyncio.get_running_loop().create_future(), len(misses))
-        pendings = self._register(group_key, params, misses, caller, waiter)
+        pendings = self._register(prefix, params, misses, caller, waiter)
         self._dispatch()
         try:
             await _until(waiter.future, deadline)
@@ -244,30 +253,32 @@ class Coalescer:
             if isinstance(exc, _Blamed):
                 raise exc.told_to(misses) from None
             raise
-        return Joined(entries=[p.future.result() for p in pendings], joined=[p.payer != owner for p in pendings])
+        return Joined([p.future.result() for p in pendings], [p.payer != owner for p in pendings],
+                      waiter.billed / 1e6, waiter.estimated)
 
     async def submit_unit(
-        self, key: bytes, params: dict[str, Any], items: list[Item], *, deadline: float
-    ) -> tuple[Entry, bool]:
-        """A late-chunking / multivector request: one call for the whole list, never merged, single-flight."""
+        self, key: bytes, params: dict[str, Any], items: list[Item], *, deadline: float, prefix: bytes = b""
+    ) -> Joined:
+        """A late-chunking / multivector request: one call for the whole list, never merged, single-flight.
+        `key` is `cache.unit_key(prefix, items)`; one entry in the answer."""
         future = self._units.get(key)
         if future is not None:
             self.joins += 1
-            return (await self._wait([future], deadline))[0], True
+            return Joined([(await self._wait([future], deadline))[0].entries[0]], [True])
         self._check_capacity(len(items))
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume)
         self._units[key] = future
         self._count_units(len(items))
-        self._spawn(self._send_unit(key, params, items, future))
-        return (await self._wait([future], deadline))[0], False
+        self._spawn(self._send_unit(key, prefix, params, items, future))
+        return (await self._wait([future], deadline))[0]
 
     def _register(
-        self, group_key: bytes, params: dict[str, Any], misses: Sequence[Miss], caller: _Caller, waiter: _Waiter
+        self, prefix: bytes, params: dict[str, Any], misses: Sequence[Miss], caller: _Caller, waiter: _Waiter
     ) -> list[_Pending]:
         flights = self._flights
         self._check_capacity(sum(1 for m in misses if m.key not in flights))
-        group = self._group(group_key, params)
+        group = self._group(prefix, params)
         queued = group.queued
         pendings = []
         for miss in misses:
@@ -285,12 +296,14 @@ class Coalescer:
         self._gauge()
         return pendings
 
-    def _group(self, group_key: bytes, params: dict[str, Any]) -> _Group:
-        group = self._groups.get(group_key)
+    def _group(self, prefix: bytes, params: dict[str, Any]) -> _Group:
+        group = self._groups.get(prefix)
         if group is None:
-            max_inputs = self.upstream.max_inputs_for(str(params.get("model", "")))
-            group = _Group(group_key, params, max(1, min(max_inputs, self.config.max_batch_inputs)))
-            self._groups[group_key] = group
+            model = str(params.get("model", ""))
+            max_inputs = self.upstream.max_inputs_for(model)
+            group = _Group(prefix, params, max(1, min(max_inputs, self.config.max_batch_inputs)),
+                           self.upstream.namespace_for(model))
+            self._groups[prefix] = group
         return group
 
     def _enqueue(self, group: _Group, pending: _Pending, caller: _Caller) -> None:
@@ -337,7 +350,7 @@ class Coalescer:
         self.metrics.queue_inputs.set(pending)
 
     @staticmethod
-    async def _wait(futures: list[asyncio.Future[Entry]], deadline: float) -> list[Entry]:
+    async def _wait(futures: list[asyncio.Future[Joined]], deadline: float) -> list[Joined]:
         """All results, or the first failure as soon as it happens (the caller stops waiting for the rest).
 
         `asyncio.wait` never cancels what it waits for: a caller that times out or disconnects leaves the
@@ -471,7 +484,7 @@ class Coalescer:
                 self._free_slot()
 
         try:
-            await self._call(group.params, batch, answered=release)
+            await self._call(group, batch, answered=release)
         finally:
             release()
 
@@ -479,9 +492,8 @@ class Coalescer:
         if not group.queued and not group.inflight and self._groups.get(group.key) is group:
             del self._groups[group.key]
 
-    async def _call(
-        self, params: dict[str, Any], batch: list[_Pending], answered: Callable[[], None] | None = None
-    ) -> None:
+    async def _call(self, group: _Group, batch: list[_Pending], answered: Callable[[], None] | None = None) -> None:
+        params = group.params
         self.calls += 1
         # Retries stop when the last caller stops waiting (a call formed late must not outlive them all).
         deadline = min(time.monotonic() + self.call_budget_s, max(p.deadline for p in batch))
@@ -489,7 +501,7 @@ class Coalescer:
             items = [p.miss.item for p in batch]
             result = await self.upstream.embed(params, items, deadline, defer_metrics=True)
         except UpstreamRejected as exc:
-            await self._isolate(params, batch, exc)
+            await self._isolate(group, batch, exc)
             return
         except GatewayError as exc:
             self._fail(batch, exc)
@@ -502,8 +514,16 @@ class Coalescer:
             self._fail(batch, UpstreamFailed("the upstream call was cancelled"))
             raise
         shares = split(result.tokens, [p.miss.estimate for p in batch])
+        price, estimated = result.price, result.estimated
         for p, vec, tokens in zip(batch, result.vectors, shares, strict=True):
-            p.payer = p.waiters[0].owner if p.waiters else p.owner
+            if p.waiters:
+                payer = p.waiters[0]
+                p.payer = payer.owner
+                payer.billed += tokens * price
+                if estimated:
+                    payer.estimated += tokens
+            else:
+                p.payer = p.owner
             if not p.future.done():
                 p.future.set_result(Entry(vectors=vec, tokens=tokens))
                 for waiter in p.waiters:
@@ -518,14 +538,18 @@ class Coalescer:
             # Let the woken callers answer their clients before this task encodes the entries and records the
             # call's metrics: a big batch's encoding would otherwise come before every answer.
             await asyncio.sleep(0)
-            fresh = [(p.miss.key, Entry(vectors=vec, tokens=tokens))
-                     for p, vec, tokens in zip(batch, result.vectors, shares, strict=True)]
+            keys = [p.miss.key for p in batch]
+            if result.namespace != group.namespace:  # another namespace's upstream answered: stored in its own
+                prefix = renamespaced(group.key, group.namespace, result.namespace)
+                keys = item_keys(prefix, [p.miss.item for p in batch])
+            fresh = [(key, Entry(vectors=vec, tokens=tokens))
+                     for key, vec, tokens in zip(keys, result.vectors, shares, strict=True)]
             await self.cache.put_many(fresh, promote=any(p.rank == _RANK["interactive"] for p in batch))
         finally:
             self.upstream.record(result)
             self._land(batch)
 
-    async def _isolate(self, params: dict[str, Any], batch: list[_Pending], exc: UpstreamRejected) -> None:
+    async def _isolate(self, group: _Group, batch: list[_Pending], exc: UpstreamRejected) -> None:
         """A 4xx for a merged batch: only the callers whose input caused it fail; the rest goes again."""
         bad = _blamed_input(exc.upstream_body, len(batch))
         if isinstance(bad, int):
@@ -540,7 +564,7 @@ class Coalescer:
             rest = [p for p, d in zip(batch, drop, strict=True) if not d]
             self._fail([p for p, d in zip(batch, drop, strict=True) if d], exc)
             if rest:
-                await self._call(params, rest)
+                await self._call(group, rest)
             return
         owners = list(dict.fromkeys(p.owner for p in batch))
         if len(owners) == 1:
@@ -549,8 +573,8 @@ class Coalescer:
         # The answer does not say which input: bisect by caller, so k callers cost O(log k) calls, not k.
         half = set(owners[: len(owners) // 2])
         await asyncio.gather(
-            self._call(params, [p for p in batch if p.owner in half]),
-            self._call(params, [p for p in batch if p.owner not in half]),
+            self._call(group, [p for p in batch if p.owner in half]),
+            self._call(group, [p for p in batch if p.owner not in half]),
         )
 
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
@@ -569,7 +593,7 @@ class Coalescer:
         self._gauge()
 
     async def _send_unit(
-        self, key: bytes, params: dict[str, Any], items: list[Item], future: asyncio.Future[Entry]
+        self, key: bytes, prefix: bytes, params: dict[str, Any], items: list[Item], future: asyncio.Future[Joined]
     ) -> None:
         slot = False
         try:
@@ -578,10 +602,15 @@ class Coalescer:
             self.calls += 1
             result = await self.upstream.embed(params, items, time.monotonic() + self.call_budget_s)
             vectors: list[np.ndarray] = result.vectors
-            future.set_result(Entry(vectors=vectors, tokens=result.tokens))
+            tokens = result.tokens
+            future.set_result(Joined([Entry(vectors=vectors, tokens=tokens)], [False], tokens * result.price / 1e6,
+                                     tokens if result.estimated else 0))
             slot = False  # answered: the slot is free before the cache write, as a batch's is
             self._free_slot()
-            await self.cache.put_many([(key, Entry(vectors=vectors, tokens=result.tokens))])
+            stored, looked_up = key, self.upstream.namespace_for(str(params.get("model", "")))
+            if result.namespace != looked_up:  # another namespace's upstream answered: stored in its own
+                stored = unit_key(renamespaced(prefix, looked_up, result.namespace), items)
+            await self.cache.put_many([(stored, Entry(vectors=vectors, tokens=tokens))])
         except Exception as exc:
             if not future.done():
                 future.set_exception(exc if isinstance(exc, GatewayError) else UpstreamFailed(repr(exc)))
@@ -617,12 +646,16 @@ class Coalescer:
                 turn.set_result(None)
         self._dispatch()
 
+    async def settled(self) -> None:
+        """Returns once every upstream call and cache write started so far (and those they start) has ended."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         """Sends whatever is queued without waiting, lets every call finish (results are cached), returns."""
         self._closing = True
         self._dispatch()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.settled()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -702,7 +735,7 @@ def _expire(future: asyncio.Future[None]) -> None:
         future.set_exception(UpstreamTimeout("no upstream answer within the request deadline"))
 
 
-def _consume(future: asyncio.Future[Entry]) -> None:
+def _consume(future: asyncio.Future[Joined]) -> None:
     # A flight whose every waiter has gone still completes; reading its exception keeps asyncio from
     # reporting it as never retrieved.
     if not future.cancelled():

@@ -13,7 +13,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -118,6 +118,8 @@ class Upstream:
     drop_params: Bool = False  # drop request fields this kind cannot take instead of refusing them (422)
     # USD per 1M tokens per model billed here (0 for a self-hosted one); a model not listed uses `prices`.
     prices: dict[Str, Delay] = field(default_factory=dict)
+    # Vectors this upstream returns are cached apart from every other upstream's (None: shared by public model).
+    cache_namespace: Str | None = None
     # A key the upstream refused (401/403) is left out for this long, then tried again.
     eject_s: Seconds = 300.0
     # Consecutive failed calls (5xx, timeouts, connection errors past the retries) that open the breaker, and
@@ -358,11 +360,45 @@ class Config:
         """Every upstream: the `upstreams:` list, or the single `upstream:` block."""
         return self.upstreams or (self.upstream,)
 
+    def named_models(self) -> set[str]:
+        """Every model a price or an upstream's `models` names (any other model is priced 0 everywhere)."""
+        return set(self.prices) | {m for up in self.routes for m in (*up.prices, *(up.models or ()))}
+
+    def price(self, upstream: Upstream, model: str) -> float:
+        """USD per 1M tokens of `model` billed by `upstream`: its own `prices`, else the top-level ones."""
+        return upstream.prices.get(model, self.prices.get(model, 0.0))
+
+    @functools.cached_property
+    def hit_prices(self) -> dict[str, float]:
+        """USD per 1M tokens per model as the model's first-choice upstream bills it (the weighted mean when several
+        share the lowest priority): what a cache hit saves. Made once per config; a model not in it costs 0."""
+        routes = self.routes
+        prices = {}
+        for model in self.named_models():
+            first = first_choices(routes, model)
+            total = sum(up.weight for up in first)
+            prices[model] = sum(self.price(up, model) * up.weight for up in first) / total if first else 0.0
+        return prices
+
     def reads_token_ids(self, model: str) -> bool:
         """Whether every upstream that may serve `model` reads inputs given as tokenizer ids (Jina's do not)."""
         serving = [u for u in self.routes if u.models is not None and model in u.models]
         serving = serving or [u for u in self.routes if u.models is None]
         return bool(serving) and all(u.wire != "jina" for u in serving)
+
+
+def serving(routes: Sequence[Upstream], model: str | None) -> list[Upstream]:
+    """The upstreams that may serve `model` (None: a model no upstream names): those naming it, then those
+    without `models`, which serve every model."""
+    named = [up for up in routes if up.models is not None and model in up.models] if model is not None else []
+    return named + [up for up in routes if up.models is None]
+
+
+def first_choices(routes: Sequence[Upstream], model: str | None) -> list[Upstream]:
+    """The upstreams a call for `model` tries first: those of the lowest `priority` serving it."""
+    candidates = serving(routes, model)
+    top = min((up.priority for up in candidates), default=0)
+    return [up for up in candidates if up.priority == top]
 
 
 _COMMENT = re.compile(r"(?:^|\s)#")
@@ -465,6 +501,26 @@ def _check_upstreams(config: Config) -> None:
             raise ConfigError(f"{where}.keys: give either `api_key` or `keys`, not both")
         if up.tls.key_file is not None and up.tls.cert_file is None:
             raise ConfigError(f"{where}.tls.key_file: needs {where}.tls.cert_file (the certificate it belongs to)")
+        if up.cache_namespace is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", up.cache_namespace):
+            raise ConfigError(f"{where}.cache_namespace: must be of letters, digits, '_', '.', '-'; "
+                              f"got {up.cache_namespace!r}")
+    _check_namespaces(config, dict(paths))
+
+
+def _check_namespaces(config: Config, paths: dict[str, Upstream]) -> None:
+    """A request is looked up in its model's first-choice namespace: upstreams sharing the lowest priority for a
+    model must share one, or half the answers would be stored where no lookup goes."""
+    where = {id(up): path for path, up in paths.items()}
+    routes = config.routes
+    for model in [*sorted({m for up in routes for m in up.models or ()}), None]:
+        first = first_choices(routes, model)
+        if len({up.cache_namespace for up in first}) > 1:
+            names = ", ".join(repr(up.name) for up in first)
+            served = "any model they do not name" if model is None else repr(model)
+            raise ConfigError(
+                f"{where[id(first[-1])]}.cache_namespace: upstreams {names} serve {served} first (priority "
+                f"{first[0].priority}) with different cache namespaces; give them the same `cache_namespace` or "
+                "different priorities")
 
 
 def _check_store_url(url: str, where: str) -> None:

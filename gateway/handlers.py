@@ -85,12 +85,13 @@ def _account(
     outcome: Outcome,
 ) -> None:
     """Metrics, durable usage and the access log's counts of one answered request (no I/O here)."""
-    price = config.prices.get(model, 0.0)
     hits, misses, joined = outcome.hits, outcome.misses, outcome.joined
     upstream, cached = outcome.upstream_tokens, outcome.cached_tokens
-    cost, saved = upstream * price / 1e6, cached * price / 1e6
+    # Billed as the answering upstreams bill; saved as the model's first choice would have billed.
+    cost, saved = outcome.cost_usd, cached * config.hit_prices.get(model, 0.0) / 1e6
     app[K.METRICS].count_embed(team, model, (hits, misses, joined, upstream, cached, cost, saved))
-    app[K.USAGE].count(team, model, inputs, hits, misses, joined, upstream, cached, cost, saved)
+    app[K.USAGE].count(team, model, inputs, hits, misses, joined, upstream, cached, cost, saved,
+                       outcome.estimated_tokens)
     fields["hits"] = hits
     fields["misses"] = misses
     fields["joined"] = joined

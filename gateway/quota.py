@@ -10,8 +10,9 @@ any 60 s can see up to twice the limit; the sustained rate is exactly the limit.
 fixed windows on UTC calendar boundaries, as people read invoices.
 
 A team's money budget (`budget.usd_per_month`) is a fifth policy in the same script: the misses' estimated cost
-(tokens × `prices`, in nano-USD so the arithmetic stays integer) is reserved in the same atomic step as the
-tokens and reconciled with what the upstream billed, so replicas overspend by at most one request's estimate.
+(tokens × the model's dearest upstream price, in nano-USD so the arithmetic stays integer) is reserved in the same
+atomic step as the tokens and reconciled with what the upstreams that answered billed, so replicas overspend by at
+most one request's estimate.
 """
 
 from __future__ import annotations
@@ -253,7 +254,6 @@ class Reservation:
     local: bool  # reserved on the local limiter (state store down, on_store_error: open)
     headers: dict[str, str]
     cost: int = 0  # nano-USD reserved against the budget (cached tokens cost nothing)
-    price: float = 0.0  # nano-USD per token of the request's model
     owner: cfg.Team | None = None  # the team, when it has a budget (its spend is watched after reconcile)
 
 
@@ -314,13 +314,14 @@ class QuotaGate:
         if not verdict.admitted:
             raise self._refusal(team, verdict, charge, headers)
         windows = (verdict.day, verdict.month)
-        return Reservation(team.name, limits, charge, cached_charge, windows, local, headers, cost, price, owner)
+        return Reservation(team.name, limits, charge, cached_charge, windows, local, headers, cost, owner)
 
-    async def reconcile(self, reservation: object, *, actual_tokens: int) -> None:
-        """Refunds or charges what the estimate got wrong (tokens and money); never fails the request it follows."""
+    async def reconcile(self, reservation: object, *, actual_tokens: int, actual_cost_usd: float = 0.0) -> None:
+        """Refunds or charges what the estimate got wrong (tokens, and money as the upstreams that answered billed
+        it: the reservation priced the estimate at the dearest); never fails the request it follows."""
         assert isinstance(reservation, Reservation)
         diff = actual_tokens + reservation.cached_charge - reservation.charged
-        cost = round(actual_tokens * reservation.price) - reservation.cost
+        cost = round(actual_cost_usd * NANO_USD) - reservation.cost if reservation.limits.budget else 0
         if diff == 0 and cost == 0:
             return
         kwargs: dict[str, Any] = {"mode": "adjust", "requests": 0, "tokens": diff, "reserved": reservation.windows,
@@ -443,11 +444,9 @@ def budget_prices(config: cfg.Config) -> dict[str, float]:
     """USD per 1M tokens per model for money budgets: the highest price of any upstream that may serve the model
     (its `prices`, else the top-level `prices`). Admission cannot know which upstream a failover will reach, so a
     budget is charged as if the dearest one billed the tokens: it is never overspent, at worst underspent."""
-    routes = config.routes
-    models = set(config.prices) | {m for up in routes for m in (*up.prices, *(up.models or ()))}
-    return {model: max((up.prices.get(model, config.prices.get(model, 0.0)) for up in routes
-                        if up.models is None or model in up.models), default=config.prices.get(model, 0.0))
-            for model in models}
+    return {model: max((config.price(up, model) for up in cfg.serving(config.routes, model)),
+                       default=config.prices.get(model, 0.0))
+            for model in config.named_models()}
 
 
 def rate_limit_headers(limits: Limits, verdict: Verdict) -> dict[str, str]:

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 import numpy as np
-import xxhash
 
 from . import config as cfg
 from .cache import EmbeddingCache, Held, key_prefix, request_keys, unit_key
@@ -29,6 +28,8 @@ class Outcome:
     joined: int = 0  # distinct inputs answered by another caller's flight
     duplicates: int = 0  # inputs repeated inside the request (served once)
     upstream_tokens: int = 0  # tokens billed for this request's own misses
+    cost_usd: float = 0.0  # what they cost, each priced by the upstream that billed it
+    estimated_tokens: int = 0  # of upstream_tokens, those the gateway estimated (the upstream reported no usage)
     cached_tokens: int = 0  # tokens this request did not pay for (hits and joined)
     reservation: object = None  # what admission returned (the quota headers ride on it)
     held: list[Held] = field(default_factory=list)  # each input's entry, in request order (not for units)
@@ -64,7 +65,9 @@ class Admission(Protocol):
         """`model` prices the estimate against a money budget."""
         ...
 
-    async def reconcile(self, reservation: object, *, actual_tokens: int) -> None: ...
+    async def reconcile(self, reservation: object, *, actual_tokens: int, actual_cost_usd: float = 0.0) -> None:
+        """`actual_cost_usd`: what the tokens cost as billed (a money budget is charged that)."""
+        ...
 
 
 class EmbeddingService:
@@ -80,6 +83,7 @@ class EmbeddingService:
         self.coalescer = coalescer
         self.scope = scope
         self.admission = admission
+        self.namespace_for = coalescer.upstream.namespace_for  # the cache namespace a model is looked up in
         # When the last interactive request came in (monotonic): batch jobs yield to interactive work.
         self.interactive_at = float("-inf")
 
@@ -89,7 +93,7 @@ class EmbeddingService:
         """Serves one request. `priority="batch"` (batch jobs) queues behind interactive work."""
         if priority == "interactive":
             self.interactive_at = time.monotonic()
-        prefix = key_prefix(request, team.name if self.scope == "team" else None)
+        prefix = key_prefix(request, team.name if self.scope == "team" else None, self.namespace_for(request.model))
         if request.unit:
             return await self._embed_unit(team, request, prefix, deadline)
         keys = request_keys(request, prefix)
@@ -106,7 +110,7 @@ class EmbeddingService:
             try:
                 await self._fetch(team, request, prefix, misses, found, outcome, deadline, priority)
             finally:
-                await self._reconcile(outcome.reservation, outcome.upstream_tokens)
+                await self._reconcile(outcome.reservation, outcome.upstream_tokens, outcome.cost_usd)
         elif self.admits(team):
             outcome.reservation = await self.admit_cached(team, sum(h.entry.tokens for h in found.values()))
         outcome.held = [found[k] for k in keys]
@@ -125,12 +129,12 @@ class EmbeddingService:
         deadline: float,
         priority: Priority,
     ) -> None:
-        group = xxhash.xxh3_128_digest(prefix)
         owner = self.coalescer.new_owner()
         result = await self.coalescer.submit(
-            group, request.params, misses, owner=owner, deadline=deadline,
+            prefix, request.params, misses, owner=owner, deadline=deadline,
             team=team.name, weight=team.weight, priority=priority,
         )
+        outcome.cost_usd, outcome.estimated_tokens = result.cost_usd, result.estimated_tokens
         for miss, entry, joined in zip(misses, result.entries, result.joined, strict=True):
             found[miss.key] = Held(miss.key, entry, 0.0)
             if joined:
@@ -148,12 +152,12 @@ class EmbeddingService:
         tokens). Quota errors propagate (429, 413)."""
         assert self.admission is not None
         reservation = await self.admission.reserve(team, estimate_tokens=0, cached_tokens=cached_tokens)
-        await self._reconcile(reservation, 0)
+        await self._reconcile(reservation, 0, 0.0)
         return reservation
 
-    async def _reconcile(self, reservation: object, actual_tokens: int) -> None:
+    async def _reconcile(self, reservation: object, actual_tokens: int, actual_cost_usd: float) -> None:
         if reservation is not None and self.admission is not None:
-            await self.admission.reconcile(reservation, actual_tokens=actual_tokens)
+            await self.admission.reconcile(reservation, actual_tokens=actual_tokens, actual_cost_usd=actual_cost_usd)
 
     async def _reserve(self, team: cfg.Team, estimate_tokens: int, found: dict[bytes, Held], model: str) -> object:
         if self.admission is None:
@@ -175,20 +179,23 @@ class EmbeddingService:
                 reservation=await self._reserve(team, 0, {key: held}, request.model),
             )
         reservation = await self._reserve(team, sum(estimate(i) for i in request.items), {}, request.model)
-        actual = 0
+        actual, cost = 0, 0.0
         try:
-            entry, joined = await self.coalescer.submit_unit(
-                key, request.params, request.items, deadline=deadline
+            result = await self.coalescer.submit_unit(
+                key, request.params, request.items, deadline=deadline, prefix=prefix
             )
+            entry, joined, cost = result.entries[0], result.joined[0], result.cost_usd
             actual = 0 if joined else entry.tokens
         finally:
-            await self._reconcile(reservation, actual)
+            await self._reconcile(reservation, actual, cost)
         return Outcome(
             unit=list(entry.vectors),
             tokens=entry.tokens,
             misses=0 if joined else len(request.items),
             joined=len(request.items) if joined else 0,
             upstream_tokens=actual,
+            cost_usd=cost,
+            estimated_tokens=result.estimated_tokens,
             cached_tokens=entry.tokens - actual,
             reservation=reservation,
         )

@@ -85,6 +85,7 @@ class SimConfig:
     kind: str = "jina"  # one of SIM_KINDS
     rate_limit_per_key: bool = False  # `rate_limit_requests` counts each bearer key apart, as providers do
     tei_model: str = "bge-m3"  # the one model a `tei` sim serves
+    tokenize: bool = True  # False: no `POST /tokenize` (404), as a TEI behind a proxy that passes only /embed
     # A real upstream bills what it computed even when the caller hung up before the answer; False drops it.
     bill_gone: bool = False
 
@@ -452,7 +453,8 @@ class Simulator:
         app.router.add_post("/embeddings", self._handle)
         # TEI's native routes: every sim serves them (the kind says what `embedding-gateway sim` announces).
         app.router.add_post("/embed", self._handle)
-        app.router.add_post("/tokenize", self._tokenize)
+        if self.config.tokenize:
+            app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/", self._health)
         # Control of a sim running as its own process (`embedding-gateway sim`): its counters, pause, resume.
         app.router.add_get("/_sim/stats", self._stats)

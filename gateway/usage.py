@@ -48,6 +48,8 @@ class Tally:
     cached_tokens: int = 0
     cost_usd: float = 0.0
     cost_saved_usd: float = 0.0
+    # Of upstream_tokens, those the gateway estimated: the upstream (TEI) reported no usage and its /tokenize failed.
+    estimated_tokens: int = 0
 
     def add(self, other: Tally) -> None:
         # Spelt out: this runs once per request, and a getattr/setattr loop costs three times as much.
@@ -60,6 +62,7 @@ class Tally:
         self.cached_tokens += other.cached_tokens
         self.cost_usd += other.cost_usd
         self.cost_saved_usd += other.cost_saved_usd
+        self.estimated_tokens += other.estimated_tokens
 
     def as_dict(self) -> dict[str, int | float]:
         out: dict[str, int | float] = dataclasses.asdict(self)
@@ -70,6 +73,7 @@ class Tally:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Tally))
 _FLOAT_FIELDS = frozenset({"cost_usd", "cost_saved_usd"})
+_KNOWN = frozenset(FIELDS)
 
 
 def utc_day(ts: float) -> str:
@@ -175,6 +179,8 @@ class RedisUsageStore:
         for (team, day), hash_ in zip(cells, await pipe.execute(), strict=True):
             for raw_field, raw_value in hash_.items():
                 model, _, name = raw_field.decode().rpartition(":")
+                if name not in _KNOWN:  # a counter a newer replica writes: left for the replicas that know it
+                    continue
                 tally = out.setdefault((team, model, day), Tally())
                 setattr(tally, name, float(raw_value) if name in _FLOAT_FIELDS else int(raw_value))
         return out
@@ -233,14 +239,14 @@ class UsageRecorder:
 
     def count(
         self, team: str, model: str, inputs: int, hits: int, misses: int, joined: int, upstream_tokens: int,
-        cached_tokens: int, cost_usd: float, cost_saved_usd: float,
+        cached_tokens: int, cost_usd: float, cost_saved_usd: float, estimated_tokens: int = 0,
     ) -> None:
         """`record` of one request, added in place: no Tally per request once the day's key exists."""
         key = (team, model, self._today())
         t = self._pending.get(key)
         if t is None:
             self._pending[key] = Tally(1, inputs, hits, misses, joined, upstream_tokens, cached_tokens, cost_usd,
-                                       cost_saved_usd)
+                                       cost_saved_usd, estimated_tokens)
             return
         t.requests += 1
         t.inputs += inputs
@@ -251,6 +257,7 @@ class UsageRecorder:
         t.cached_tokens += cached_tokens
         t.cost_usd += cost_usd
         t.cost_saved_usd += cost_saved_usd
+        t.estimated_tokens += estimated_tokens
 
     def _today(self) -> str:
         now = self.clock()

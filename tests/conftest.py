@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from gateway.quota import MemoryQuotaBackend, QuotaBackend, RedisQuotaBackend
 from gateway.sim import SimConfig, Simulator, start_sim
 from gateway.store.redis import connect
 
+from .gateways import SimProcess
 from .redis_server import RedisClusterServers, RedisServer
 
 TEAM_A_KEY = "eg-test-team-a"
@@ -122,6 +124,22 @@ def gateway(aiohttp_client: Any) -> Gateway:
         return client
 
     return make
+
+
+@pytest.fixture
+def sim_process(tmp_path: Path) -> Iterator[Callable[..., SimProcess]]:
+    """`sim_process("--kind", "tei")` → a started `embedding-gateway sim` process (killed at the test's end)."""
+    started: list[SimProcess] = []
+
+    def start(*args: str) -> SimProcess:
+        sim = SimProcess(tmp_path / f"sim-{len(started)}.log", *args)
+        started.append(sim)
+        sim.start()
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
 
 
 def sim_of(client: TestClient) -> Simulator:

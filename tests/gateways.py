@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 import requests
 
+from .redis_server import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,3 +51,45 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str) -> None:
             pass
         time.sleep(0.05)  # a process starting: nothing to wait on but its port
     raise AssertionError(f"replica {url} never answered")
+
+
+class SimProcess:
+    """`embedding-gateway sim` on a fixed port: started, killed (SIGKILL: no goodbye), started again. `args` are
+    the sim's own (`--kind tei`, `--no-tokenize`)."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.log = log
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--port", str(self.port), *self.args],
+                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        for _ in range(600):
+            assert self.proc.poll() is None, "the simulator exited at start"
+            try:
+                if requests.get(self.url + "/", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)  # a process starting: nothing to wait on but its port
+        raise AssertionError("the simulator never answered")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        """Killed, if it runs (a test's end)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+    def stats(self) -> dict[str, int]:
+        return requests.get(self.url + "/_sim/stats", timeout=5).json()  # type: ignore[no-any-return]

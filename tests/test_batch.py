@@ -438,7 +438,7 @@ class Admission:
             raise self.refusals.pop(0)
         return object()
 
-    async def reconcile(self, reservation: object, *, actual_tokens: int) -> None:
+    async def reconcile(self, reservation: object, *, actual_tokens: int, actual_cost_usd: float = 0.0) -> None:
         return None
 
 

@@ -4,17 +4,12 @@ pacing of a key pool holds across three replicas."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-import requests
 from aiohttp.test_utils import TestClient
 
 from gateway import appkeys as K
@@ -22,55 +17,15 @@ from gateway.sim import SimConfig, Simulator
 
 from .clock import FakeClock
 from .conftest import TEAM_A_KEY, Gateway, auth
-from .redis_server import free_port
+from .gateways import SimProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "jina-embeddings-v3"
 OPEN_S = 30.0  # the primary's breaker stays open this long (fake clock) before its probe
 
 
-class SimProcess:
-    """`embedding-gateway sim` on a fixed port: started, killed (SIGKILL: no goodbye), started again."""
-
-    def __init__(self, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--port", str(self.port)],
-                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        for _ in range(600):
-            assert self.proc.poll() is None, "the simulator exited at start"
-            try:
-                if requests.get(self.url + "/", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)  # a process starting: nothing to wait on but its port
-        raise AssertionError("the simulator never answered")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(30)
-
-    def stats(self) -> dict[str, int]:
-        return requests.get(self.url + "/_sim/stats", timeout=5).json()  # type: ignore[no-any-return]
-
-
 @pytest.fixture
-def primary(tmp_path: Path) -> Iterator[SimProcess]:
-    sim = SimProcess(tmp_path / "primary-sim.log")
-    sim.start()
-    yield sim
-    if sim.proc is not None and sim.proc.poll() is None:
-        sim.kill()
+def primary(sim_process: Callable[..., SimProcess]) -> SimProcess:
+    return sim_process()
 
 
 async def load(client: TestClient, bodies: list[dict[str, Any]], *, kill_after: int = 0,

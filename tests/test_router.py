@@ -1,24 +1,28 @@
 """Several upstreams and keys: routing by public model (each wire format), key pools (sharing, 429 cool-down, 401
-ejection), per-upstream input limits, the breaker, and no pool key anywhere. Failover with a killed upstream
-process is in test_failover.py."""
+ejection), per-upstream input limits, the breaker, cache namespaces, and no pool key anywhere. Failover with a
+killed upstream process is in test_failover.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from gateway import appkeys as K
 from gateway.auth import hash_key
+from gateway.keys import CACHE_PREFIX
 from gateway.sim import Fault, SimConfig, Simulator
 from gateway.upstream.breaker import CircuitBreaker
 
 from .clock import FakeClock
 from .conftest import TEAM_A_KEY, Gateway, auth, upstream_answer
+from .gateways import SimProcess
 
 POOL = ("sk-pool-key-one-0123456789", "sk-pool-key-two-9876543210")
 THREE = [
@@ -187,7 +191,7 @@ async def test_a_refused_key_is_ejected_after_its_first_401_and_the_calls_move_o
     assert "upstream jina refused key jina#2 (HTTP 401)" in caplog.text
 
 
-async def test_every_key_refused_is_a_502_upstream_auth(gateway: Gateway) -> None:
+async def test_every_key_refused_is_a_502_upstream_auth_failed(gateway: Gateway) -> None:
     client = await gateway(sim=SimConfig(api_keys=("something else",)), upstreams=[one_upstream()])
     status, _, raw = await post(client, {"model": "jina-embeddings-v3", "input": ["refused"]})
     assert status == 502 and orjson.loads(raw)["code"] == "UPSTREAM_AUTH_FAILED"
@@ -261,3 +265,90 @@ async def test_readyz_reports_breakers_and_stays_ready_with_one_open(gateway: Ga
     await post(client, {"model": "jina-embeddings-v3", "input": ["probe"]})
     assert sims(client)["jina"].ok_calls == 1
     assert (await (await client.get("/readyz")).json())["upstreams"]["jina"] == "closed"
+
+
+# ---- cache namespaces ------------------------------------------------------------------------------------
+
+V3 = "jina-embeddings-v3"
+
+
+def deployments(a: SimProcess, b: SimProcess, namespace: str | None, *, first: str) -> list[dict[str, Any]]:
+    """Two deployments of V3 in their own processes: `a` (in `namespace`) and `b` (shared); `first` is tried
+    first."""
+    a_ns = {} if namespace is None else {"cache_namespace": namespace}
+    return [
+        {"name": "a", "kind": "jina", "url": a.url + "/v1", "models": [V3], "max_retries": 0,
+         "priority": 1 if first == "a" else 2, **a_ns},
+        {"name": "b", "kind": "jina", "url": b.url + "/v1", "models": [V3], "max_retries": 0,
+         "priority": 1 if first == "b" else 2},
+    ]
+
+
+async def hits(client: TestClient, text: str, **fields: Any) -> int:
+    """Embeds `text` through `client` and waits until its answer is in the cache (it is written after the
+    answer); the request's cache hits."""
+    status, headers, raw = await post(client, {"model": V3, "input": [text], **fields})
+    assert status == 200, raw
+    await client.app[K.COALESCER].settled()
+    return int(headers["X-Cache-Hits"])
+
+
+@pytest.mark.parametrize("namespace", ["a-only", None])
+async def test_a_namespaced_upstreams_vectors_are_not_served_for_another_upstream_and_the_reverse(
+    gateway: Gateway, redis_url: str, sim_process: Callable[..., SimProcess], namespace: str | None
+) -> None:
+    """Two gateways on one Redis cache, one trying `a` first, the other `b`: without a namespace they share every
+    vector; with `a` namespaced, neither serves what the other's first choice computed."""
+    a, b = sim_process(), sim_process("--kind", "openai")
+    shared = namespace is None
+    via_a = await gateway(upstreams=deployments(a, b, namespace, first="a"), cache={"url": redis_url})
+    via_b = await gateway(upstreams=deployments(a, b, namespace, first="b"), cache={"url": redis_url})
+    assert await hits(via_a, "computed by a") == 0
+    assert await hits(via_b, "computed by a") == (1 if shared else 0)
+    assert await hits(via_b, "computed by b") == 0
+    assert await hits(via_a, "computed by b") == (1 if shared else 0)
+    assert (a.stats()["calls"], b.stats()["calls"]) == ((1, 1) if shared else (2, 2))
+    for client in (via_a, via_b):  # each namespace answers its own lookups
+        assert [await hits(client, text) for text in ("computed by a", "computed by b")] == [1, 1]
+    assert (a.stats()["calls"], b.stats()["calls"]) == ((1, 1) if shared else (2, 2))
+
+
+async def test_an_answer_is_cached_in_the_namespace_of_the_upstream_that_answered_it(
+    gateway: Gateway, redis_url: str, sim_process: Callable[..., SimProcess]
+) -> None:
+    a, b = sim_process(), sim_process("--kind", "openai")
+    via_a = await gateway(upstreams=deployments(a, b, "a-only", first="a"), cache={"url": redis_url})
+    via_b = await gateway(upstreams=deployments(a, b, "a-only", first="b"), cache={"url": redis_url})
+    unit = {"late_chunking": True}  # one key over the whole input list
+    a.kill()  # via_a fails over from namespaced a to shared b: b's answers go to the shared namespace
+    assert [await hits(via_a, "failed over to b"), await hits(via_a, "failed over to b", **unit)] == [0, 0]
+    assert [await hits(via_b, "failed over to b"), await hits(via_b, "failed over to b", **unit)] == [1, 1]
+    assert b.stats()["ok_calls"] == 2
+    a.start()
+    b.kill()  # via_b fails over from shared b to namespaced a: a's answers go to a's namespace
+    assert [await hits(via_b, "failed over to a"), await hits(via_b, "failed over to a", **unit)] == [0, 0]
+    assert [await hits(via_a, "failed over to a"), await hits(via_a, "failed over to a", **unit)] == [1, 1]
+    assert a.stats()["ok_calls"] == 2
+
+
+async def test_without_namespaces_cache_keys_are_those_of_before_namespaces(gateway: Gateway, redis_url: str) -> None:
+    """The digests are the ones the gateway wrote before `cache_namespace` existed: caches filled then stay
+    valid. A namespace on another model's upstream changes nothing for this model."""
+    upstreams = [*THREE[:2], {**THREE[2], "cache_namespace": "tei"}]
+    store = aioredis.Redis.from_url(redis_url)
+    try:
+        for scope, digests in (  # the two items', then the late-chunking unit's
+            ("global", ["6f04a28e28f9d4f9eb0c7db0e49e9cfe", "e477803b7962d8d218791268029d4d76",
+                        "ccd61b7b47624714671eedca15f08ee4"]),
+            ("team", ["b786f0ac21318cf16c479aebd642321e", "f5402aad75dd20b17222b28f15f21012",
+                      "dba19e78ed073ef64bd77f8b24318707"]),
+        ):
+            await store.flushall()
+            client = await gateway(upstreams=upstreams, cache={"url": redis_url, "scope": scope})
+            body = {"model": V3, "input": ["golden one", "golden two"]}
+            assert (await post(client, body))[0] == 200
+            assert (await post(client, {**body, "late_chunking": True}))[0] == 200
+            await client.app[K.COALESCER].settled()
+            assert set(await store.keys(CACHE_PREFIX + b"*")) == {CACHE_PREFIX + bytes.fromhex(d) for d in digests}
+    finally:
+        await store.aclose()

@@ -65,6 +65,13 @@ def test_a_list_of_upstreams_with_pools_model_maps_and_kinds() -> None:
         ("upstreams: [{name: a, tls: {key_file: k.pem}}]", "upstreams.0.tls.key_file: needs upstreams.0.tls.cert_file"),
         ("upstreams: [{name: a, tls: {ca: x}}]", "upstreams.0.tls.ca: unknown key"),
         ("upstream: {url: 'http://x'}\nupstreams: [{name: a}]", "upstream: give either `upstream:` or `upstreams:`"),
+        ("upstreams: [{name: a, cache_namespace: 'a b'}]", "upstreams.0.cache_namespace: must be of letters"),
+        ("upstreams: [{name: a, cache_namespace: 3}]", "upstreams.0.cache_namespace: expected str"),
+        ("upstreams: [{name: a, models: [m]}, {name: b, models: [m], cache_namespace: b}]",
+         "upstreams.1.cache_namespace: upstreams 'a', 'b' serve 'm' first (priority 1) with different cache "
+         "namespaces; give them the same `cache_namespace` or different priorities"),
+        ("upstreams: [{name: a, cache_namespace: x}, {name: b, cache_namespace: y}]",
+         "upstreams.1.cache_namespace: upstreams 'a', 'b' serve any model they do not name first"),
     ],
 )
 def test_errors_name_the_key_path(text: str, message: str) -> None:
@@ -79,3 +86,26 @@ def test_the_demo_shows_a_pool_of_two_keys_and_a_failover_deployment() -> None:
     assert len(primary.pool) == 2 and primary.models is None  # serves every model the others do not name
     assert backup.priority > primary.priority and backup.models == {"jina-embeddings-v3": "jinaai/jina-embeddings-v3"}
     assert tei.wire == "tei" and tei.models == {"bge-m3": "bge-m3"}
+
+
+def test_namespaces_may_differ_across_priorities_and_models() -> None:
+    config = cfg.parse_config("""
+upstreams:
+  - {name: a, models: [m, n], cache_namespace: a}
+  - {name: b, models: [m], priority: 2}
+  - {name: c, models: [o], cache_namespace: c}
+""", env={})
+    assert [up.cache_namespace for up in config.routes] == ["a", None, "c"]
+
+
+def test_a_hit_saves_what_the_first_choice_bills() -> None:
+    config = cfg.parse_config("""
+prices: {m: 0.05, n: 0.1}
+upstreams:
+  - {name: a, models: [m, n], prices: {m: 0.02}, weight: 3}
+  - {name: b, models: [m, n], prices: {n: 0.3}}
+  - {name: c, models: [m], prices: {m: 0}, priority: 2}
+""", env={})
+    # m: a bills 0.02, b the top-level 0.05, weighted 3:1; n: a the top-level 0.1, b its own 0.3
+    assert config.hit_prices == {"m": (3 * 0.02 + 0.05) / 4, "n": (3 * 0.1 + 0.3) / 4}
+    assert cfg.from_data({"prices": {"m": 0.05}}).hit_prices == {"m": 0.05}

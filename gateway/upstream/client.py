@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 
 from .. import config as cfg
+from ..cache import namespace_part
 from ..errors import UpstreamFailed, UpstreamRateLimited, UpstreamRejected, UpstreamTimeout
 from ..metrics import Metrics
 from ..pacing import Pacer
@@ -47,6 +48,9 @@ class UpstreamResult:
     # With `embed(defer_metrics=True)`: the call's metrics, published by `record` once the callers have answers.
     pending: list[Callable[[], None]] = field(default_factory=list)
     upstream: str = ""  # the upstream that answered
+    price: float = 0.0  # USD per 1M tokens of the call's model, as that upstream bills it
+    namespace: bytes = b""  # that upstream's cache namespace (cache.namespace_part)
+    estimated: bool = False  # `tokens` is (partly) the gateway's estimate: the upstream reported no usage
 
 
 class _Retryable(Exception):
@@ -89,7 +93,8 @@ class UpstreamClient:
         self.provider = make_provider(config)
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + self.provider.path
-        self.prices = {**(prices or {}), **config.prices}
+        self.prices = {**(prices or {}), **config.prices}  # `reprice` replaces it on a reload
+        self.namespace = namespace_part(config.cache_namespace)
         pool = config.pool
         pacers = pacers or [None] * len(pool)
         keys = [ApiKey(f"{config.name}#{i + 1}", secret, pacers[i], config.limits.max_concurrency)
@@ -127,7 +132,10 @@ class UpstreamClient:
             parts = await asyncio.gather(*(self._embed(params, items[i : i + limit], deadline)
                                            for i in range(0, len(items), limit)))
             result = UpstreamResult(vectors=[v for p in parts for v in p.vectors], tokens=sum(p.tokens for p in parts),
-                                    pending=[f for p in parts for f in p.pending], upstream=self.name)
+                                    pending=[f for p in parts for f in p.pending], upstream=self.name,
+                                    estimated=any(p.estimated for p in parts))
+        result.price = self.prices.get(model, 0.0)
+        result.namespace = self.namespace
         if not defer_metrics:
             self.record(result)
         return result
@@ -142,6 +150,10 @@ class UpstreamClient:
             metrics = self.metrics
             metrics.child(metrics.upstream_batch_inputs, model).observe(len(items))  # counted with or without an answer
             raise
+
+    def reprice(self, prices: Mapping[str, float]) -> None:
+        """A reload's top-level `prices` (this upstream's own still come first)."""
+        self.prices = {**prices, **self.config.prices}
 
     @staticmethod
     def record(result: UpstreamResult) -> None:
@@ -260,12 +272,12 @@ class UpstreamClient:
         if status == 200:
             try:
                 decoded = self.provider.decode(raw, len(items))
-                tokens = decoded.tokens
+                tokens, estimated = decoded.tokens, False
                 if tokens is None:
-                    tokens = await self._tokens(items, key, remaining)
+                    tokens, estimated = await self._tokens(items, key, remaining)
             except BadAnswer as exc:
                 raise _Retryable(f"bad answer ({exc})") from None
-            return UpstreamResult(vectors=decoded.vectors, tokens=tokens, upstream=self.name)
+            return UpstreamResult(vectors=decoded.vectors, tokens=tokens, upstream=self.name, estimated=estimated)
         if status == 429:
             raise _Retryable("429", parse_retry_after(headers.get("retry-after")), status=429, key=key)
         if status in (401, 403):
@@ -276,17 +288,19 @@ class UpstreamClient:
             raise _Retryable(str(status), parse_retry_after(headers.get("retry-after")), status=status)
         raise UpstreamRejected(status, _error_body(raw, status))
 
-    async def _tokens(self, items: list[Item], key: ApiKey, remaining: float) -> int:
-        """Tokens of an answer without usage (TEI): its /tokenize, else the gateway's estimate."""
+    async def _tokens(self, items: list[Item], key: ApiKey, remaining: float) -> tuple[int, bool]:
+        """Tokens of an answer without usage (TEI): its /tokenize, else the gateway's estimate; and whether they
+        are the estimate."""
         if isinstance(self.provider, TEIProvider):
             try:
                 status, _, raw = await self._request(self.base_url + self.provider.tokenize_path,
                                                      self.provider.tokenize_body(items), key, remaining)
                 if status == 200:
-                    return self.provider.count_tokens(raw, len(items))
+                    return self.provider.count_tokens(raw, len(items)), False
+                log.info("upstream %s: /tokenize answered %d; estimating the tokens", self.name, status)
             except (TimeoutError, aiohttp.ClientError, BadAnswer) as exc:
                 log.info("upstream %s: no token count from /tokenize (%s); estimating", self.name, exc)
-        return sum(estimate(item) for item in items)
+        return sum(estimate(item) for item in items), True
 
 
 def open_session(config: cfg.Upstream, *, connections: int) -> aiohttp.ClientSession:

@@ -9,6 +9,8 @@ import logging
 import random
 from typing import Any
 
+from .. import config as cfg
+from ..cache import namespace_part
 from ..errors import GatewayError, UpstreamFailed, UpstreamRejected, ValidationFailed
 from ..metrics import Metrics
 from ..protocol import Item
@@ -28,6 +30,10 @@ class Router:
         for client in clients:
             for model in client.config.models or {}:
                 self._served.setdefault(model, []).append(client)
+        routes = [c.config for c in clients]
+        # Lookups go to the first choice's namespace; answers are stored under the answering upstream's.
+        self._namespaces = {m: _namespace(routes, m) for m in self._served}
+        self._namespace_any = _namespace(routes, None)
         for client in clients:  # every series from the start, so a dashboard rate() sees 0, not nothing
             metrics.upstream_breaker.labels(client.name).set(0)
             metrics.child(metrics.upstream_failovers, client.name)
@@ -47,6 +53,16 @@ class Router:
         """The first-choice upstream's per-call input limit (another one splits a bigger batch)."""
         serving = self._serving(model)
         return min(serving, key=lambda c: c.config.priority).config.max_inputs_for(model) if serving else 1
+
+    def namespace_for(self, model: str) -> bytes:
+        """The cache namespace `model`'s entries are looked up in (cache.namespace_part of its first-choice
+        upstream's `cache_namespace`; b"" when shared)."""
+        return self._namespaces.get(model, self._namespace_any)
+
+    def reconfigure(self, config: cfg.Config) -> None:
+        """A reload: the top-level `prices` apply from the next call on."""
+        for client in self.clients:
+            client.reprice(config.prices)
 
     def breakers(self) -> dict[str, str]:
         return {c.name: c.breaker.state for c in self.clients}
@@ -128,3 +144,8 @@ class Router:
     @staticmethod
     def record(result: UpstreamResult) -> None:
         UpstreamClient.record(result)
+
+
+def _namespace(routes: list[cfg.Upstream], model: str | None) -> bytes:
+    first = cfg.first_choices(routes, model)  # they share one namespace (config._check_namespaces)
+    return namespace_part(first[0].cache_namespace) if first else b""
