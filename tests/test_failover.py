@@ -13,11 +13,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway import appkeys as K
+from gateway.auth import hash_key
 from gateway.sim import SimConfig, Simulator
 
 from .clock import FakeClock
 from .conftest import TEAM_A_KEY, Gateway, auth
 from .gateways import SimProcess
+from .promtext import scrape
 
 MODEL = "jina-embeddings-v3"
 OPEN_S = 30.0  # the primary's breaker stays open this long (fake clock) before its probe
@@ -138,3 +140,50 @@ async def test_each_pool_key_keeps_its_rpm_across_three_replicas(gateway: Gatewa
     assert [t.result() for t in tasks] == [200] * 150
     assert sim.calls == sim.ok_calls == 150  # not one 429: no key went past 30 calls in any 60 s
     assert sorted(sim.key_calls) == sorted(keys) and min(sim.key_calls.values()) >= 30
+
+
+async def test_a_failover_to_a_self_hosted_upstream_costs_nothing_and_hits_save_the_primarys_price(
+    gateway: Gateway, sim_process: Callable[..., SimProcess]
+) -> None:
+    """The primary bills USD 0.02 per 1M tokens, the self-hosted failover 0 (over a top-level price of 0.05):
+    a team pays the primary's price for what the primary embedded and nothing for what the failover did, in the
+    usage API, the metrics and its money budget; a hit saves what the primary would have billed."""
+    primary, selfhosted = sim_process(), sim_process("--kind", "openai")
+    upstreams = [
+        {"name": "primary", "kind": "jina", "url": primary.url + "/v1", "models": [MODEL], "max_retries": 0,
+         "prices": {MODEL: 0.02}},
+        {"name": "selfhosted", "kind": "openai", "url": selfhosted.url + "/v1", "models": [MODEL], "priority": 2,
+         "prices": {MODEL: 0}},
+    ]
+    team = {"name": "team-a", "keys": [hash_key(TEAM_A_KEY)], "budget": {"usd_per_month": 1.0}}
+    client = await gateway(upstreams=upstreams, prices={MODEL: 0.05}, teams=[team])
+    reference = Simulator(SimConfig())
+    before, after = ["billed at the primary", "at two cents a million"], ["served after the kill", "for free"]
+    primary_tokens = sum(reference.token_count(t) for t in before)
+    failover_tokens = sum(reference.token_count(t) for t in after)
+    assert (primary_tokens, failover_tokens) == (13, 10)  # so USD 2.6e-07 billed, 4.6e-07 saved
+
+    async def embed(texts: list[str]) -> int:
+        resp = await client.post("/v1/embeddings", json={"model": MODEL, "input": texts}, headers=auth(TEAM_A_KEY))
+        assert resp.status == 200, await resp.text()
+        return int(resp.headers["X-Upstream-Tokens"])
+
+    assert await embed(before) == primary_tokens
+    primary.kill()
+    assert await embed(after) == failover_tokens
+    assert selfhosted.stats()["tokens"] == failover_tokens
+    assert await embed(before + after) == 0  # hits: saved at the primary's price, wherever they were computed
+
+    cost = round(primary_tokens * 0.02 / 1e6, 9)
+    saved = round((primary_tokens + failover_tokens) * 0.02 / 1e6, 9)
+    usage = await (await client.get("/v1/usage", headers=auth(TEAM_A_KEY))).json()
+    total = usage["total"]
+    assert (total["upstream_tokens"], total["cached_tokens"]) == (primary_tokens + failover_tokens,
+                                                                  primary_tokens + failover_tokens)
+    assert (total["cost_usd"], total["cost_saved_usd"]) == (cost, saved)
+    assert usage["budgets"][0]["spent_usd"] == cost  # reserved at the dearest price, reconciled to the billed
+    metrics = await scrape(client)
+    assert round(metrics.total("eg_cost_usd_total", team="team-a", kind="billed"), 9) == cost
+    assert round(metrics.total("eg_cost_usd_total", team="team-a", kind="saved"), 9) == saved
+    assert round(metrics.total("eg_upstream_cost_usd_total", upstream="primary"), 9) == cost
+    assert metrics.total("eg_upstream_cost_usd_total", upstream="selfhosted") == 0

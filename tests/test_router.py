@@ -18,6 +18,7 @@ from gateway import appkeys as K
 from gateway.auth import hash_key
 from gateway.keys import CACHE_PREFIX
 from gateway.sim import Fault, SimConfig, Simulator
+from gateway.tokens import estimate
 from gateway.upstream.breaker import CircuitBreaker
 
 from .clock import FakeClock
@@ -72,6 +73,29 @@ async def test_each_model_reaches_its_upstream_in_its_wire_format_and_answers_in
     assert tei_call.requests == [{"inputs": ["native wire"], "normalize": False}]
     assert tei_call.tokenize_calls == 1  # TEI answers no usage: the tokens come from /tokenize
     assert headers["X-Upstream-Tokens"] == str(reference.token_count("native wire"))
+
+
+async def test_tei_tokens_without_its_tokenize_are_estimated_and_marked_so_in_the_usage_api(
+    gateway: Gateway, sim_process: Callable[..., SimProcess]
+) -> None:
+    tei = sim_process("--kind", "tei", "--no-tokenize")  # TEI's /embed answers no usage; /tokenize is 404
+    client = await gateway(upstreams=[THREE[0], {**THREE[2], "url": tei.url}])
+    texts = ["an estimate", "of the tokens of each input"]
+    guessed = sum(estimate(t) for t in texts)
+    assert guessed != sum(Simulator(SimConfig()).token_count(t) for t in texts)  # what /tokenize would have said
+    _, headers, _ = await post(client, {"model": "bge-m3", "input": texts})
+    assert headers["X-Upstream-Tokens"] == str(guessed)
+    _, headers, _ = await post(client, {"model": "jina-embeddings-v3", "input": texts})
+    reported = int(headers["X-Upstream-Tokens"])  # Jina's usage, not an estimate
+
+    usage = await (await client.get("/v1/usage?group_by=model", headers=auth(TEAM_A_KEY))).json()
+    rows = {row["model"]: (row["upstream_tokens"], row["estimated_tokens"]) for row in usage["data"]}
+    assert rows == {"bge-m3": (guessed, guessed), "jina-embeddings-v3": (reported, 0)}
+    assert usage["total"]["estimated_tokens"] == guessed
+    csv = await (await client.get("/v1/usage?group_by=model&format=csv", headers=auth(TEAM_A_KEY))).text()
+    header, *lines = [line.split(",") for line in csv.splitlines()]
+    assert [{"model": line[0], "estimated_tokens": line[header.index("estimated_tokens")]} for line in lines] == [
+        {"model": "bge-m3", "estimated_tokens": str(guessed)}, {"model": "jina-embeddings-v3", "estimated_tokens": "0"}]
 
 
 async def test_the_openai_upstream_gets_openai_fields_and_its_own_model_name(gateway: Gateway) -> None:
