@@ -24,10 +24,11 @@ from .scenarios import (
     hits_by_store,
     memory,
     overlap,
+    routing_on_hits,
 )
 
 SCENARIOS = {"1": all_hits, "3": all_misses, "4": overlap, "5": coalescing, "6": memory, "7": batch_interference,
-             "8": hits_by_store}
+             "8": hits_by_store, "9": routing_on_hits}
 SMOKE = Settings(duration_s=0.3, warmup_s=0.0, repeats=1, working_set=40, overlap_requests=40, redis_entries=64,
                  memory_entries=512, coalesce_concurrency=(1, 16), coalesce_latency_ms=5.0, high_concurrency=8,
                  batch_lines=300)
@@ -81,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto", help="load generator")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per measured run")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per load (the median is reported)")
-    p.add_argument("--only", help="comma-separated scenarios: 1 (and 2), 3, 4, 5, 6, 7, 8")
+    p.add_argument("--only", help="comma-separated scenarios: 1 (and 2), 3, 4, 5, 6, 7, 8, 9")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the JSON results go")
     p.add_argument("--readme", action="store_true", help="write the table into docs/performance.md between the markers")
     return p

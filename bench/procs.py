@@ -135,9 +135,16 @@ class Procs:
                 "--latency-per-token-ms", str(per_token_ms)]
         return self._start(f"sim-{latency_ms:g}ms-{per_token_ms:g}", args, "/")
 
-    def gateway(self, name: str, sim: Proc, cache_url: str, *, workers: int = 1, **cache: Any) -> Proc:
+    def gateway(
+        self, name: str, sim: Proc, cache_url: str, *, workers: int = 1, upstreams: list[dict[str, Any]] | None = None,
+        **cache: Any,
+    ) -> Proc:
+        """`upstreams`: an `upstreams:` list instead of the single `upstream:` block on `sim`."""
         port = free_port()
         config = gateway_config(port, f"http://127.0.0.1:{sim.port}/v1", cache_url, **cache)
+        if upstreams is not None:
+            del config["upstream"]
+            config["upstreams"] = upstreams
         path = self.workdir / f"{name}.yaml"
         path.write_bytes(orjson.dumps(config))  # JSON is YAML
         args = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port),

@@ -1,5 +1,5 @@
-"""The bench's scenarios (issue 8's list, plus coalescing from issue 3). Each returns rows for the table and
-its raw figures for the JSON result."""
+"""The bench's scenarios (issue 8's list, plus coalescing from issue 3 and routing from issue 16). Each returns
+rows for the table and its raw figures for the JSON result."""
 
 from __future__ import annotations
 
@@ -251,6 +251,39 @@ def hits_by_store(ctx: Ctx) -> None:
             ctx.rows.append(Row(f"8 {name}: {label}, c={c}", rate(g), "bare " + rate(b), f"{ratio:.2f}x",
                                 f">= {target:.2f}x", ratio >= target, cpu(g, b)))
     ctx.raw["hits_by_store"] = {k: v.as_dict() for k, v in r.items()}
+
+
+def routing_on_hits(ctx: Ctx) -> None:
+    """9: new-body hits (1 input, and 32 base64) through a gateway with the single `upstream:` block and through one
+    routing the model over three upstreams (jina, openai and tei kinds, key pools of 2, priorities 1-3), both on a
+    fresh Redis cache: a hit must not pay for routing."""
+    s = ctx.settings
+    singles = [body(text("route", i)) for i in range(s.working_set)]
+    multi = [body([text("route", (k * 37 + j) % s.working_set) for j in range(32)], encoding_format="base64")
+             for k in range(s.working_set)]
+    url = f"http://127.0.0.1:{ctx.sim.port}"
+    pool = {"keys": ["bench-key-1", "bench-key-2"], "models": [MODEL], "max_retries": 2}
+    upstreams = [{"name": "jina", "kind": "jina", "url": url + "/v1", "priority": 1, **pool},
+                 {"name": "openai", "kind": "openai", "url": url + "/v1", "priority": 2, **pool},
+                 {"name": "tei", "kind": "tei", "url": url, "priority": 3, **pool}]
+    cache_url = f"redis://127.0.0.1:{ctx.redis.port}/2"
+    gateways = {"single": ctx.procs.gateway("gateway-single", ctx.sim, cache_url),
+                "routed": ctx.procs.gateway("gateway-routed", ctx.sim, cache_url, upstreams=upstreams)}
+    for name, gw in gateways.items():
+        fill(ctx, gw, f"warm-route-{name}.jsonl", singles)
+    one, many = ctx.file("route-1.jsonl", singles), ctx.file("route-32.jsonl", multi)
+    c, d = s.high_concurrency, s.duration_s
+    loads = {f"{name}_{case}": ctx.load(gw, "fresh", file, c, d)  # each case's two runs back to back
+             for case, file in (("new1", one), ("new32", many)) for name, gw in gateways.items()}
+    r = measure(ctx, loads)
+    for gw in gateways.values():
+        ctx.procs.stop(gw)
+    for case, label in (("new1", "new body, 1 input"), ("new32", "new body, 32 base64")):
+        g, ref = r[f"routed_{case}"], r[f"single_{case}"]
+        ratio = g.rps / ref.rps
+        ctx.rows.append(Row(f"9 3 upstreams vs 1: {label}, c={c}", rate(g), "1 upstream " + rate(ref),
+                            f"{ratio:.2f}x", ">= 0.95x", ratio >= 0.95, cpu(g, ref)))
+    ctx.raw["routing_on_hits"] = {k: v.as_dict() for k, v in r.items()}
 
 
 def all_misses(ctx: Ctx) -> None:

@@ -80,7 +80,7 @@ class Router:
 
     def check_model(self, model: str, allowed: tuple[str, ...] | None = None) -> None:
         """A 422 on `model` when no upstream serves it, listing the served models among `allowed` (a team's)."""
-        if not self._serving(model):
+        if model not in self._served and not self._any:  # `_serving(model)` is empty, without making it
             listed = [m for m in self.models if allowed is None or m in allowed]
             raise ValidationFailed("model", f"no upstream serves {model!r}; models: {', '.join(listed)}")
 
