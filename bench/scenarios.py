@@ -89,6 +89,14 @@ def body(inputs: str | list[str], **extra: Any) -> bytes:
     return orjson.dumps({"model": MODEL, "input": inputs, **extra})
 
 
+def hit_bodies(tag: str, working_set: int) -> tuple[list[bytes], list[bytes]]:
+    """Bodies of 1 input (float) each over `working_set` inputs, and of 32 of those inputs (base64) each."""
+    singles = [body(text(tag, i)) for i in range(working_set)]
+    multi = [body([text(tag, (k * 37 + j) % working_set) for j in range(32)], encoding_format="base64")
+             for k in range(working_set)]
+    return singles, multi
+
+
 def post(port: int, payload: bytes) -> bytes:
     return call(port, "POST", PATH, payload)
 
@@ -185,10 +193,8 @@ def latency(r: load.Result) -> str:
 def all_hits(ctx: Ctx) -> None:
     """1: all hits, 1 input, float. 2: all hits, 32 inputs, base64. Bare serves the gateway's own bytes."""
     s = ctx.settings
-    singles = [body(text("hit", i)) for i in range(s.working_set)]
+    singles, multi = hit_bodies("hit", s.working_set)
     fill(ctx, ctx.gateway, "warm.jsonl", singles)
-    multi = [body([text("hit", (k * 37 + j) % s.working_set) for j in range(32)], encoding_format="base64")
-             for k in range(s.working_set)]
     bare = ctx.procs.bare({"one": post(ctx.gateway.port, singles[0]), "multi": post(ctx.gateway.port, multi[0])})
     one, many = ctx.file("hits-1.jsonl", singles), ctx.file("hits-32.jsonl", multi)
     c, d = s.high_concurrency, s.duration_s
@@ -221,9 +227,7 @@ def hits_by_store(ctx: Ctx) -> None:
     """8: hits through each store (the Redis cache, memory://, the Redis cache with --workers 2): an exact repeat
     of 1 input, and new bodies (the same cached inputs in bytes never sent before) of 1 and of 32 base64 inputs."""
     s = ctx.settings
-    singles = [body(text("store", i)) for i in range(s.working_set)]
-    multi = [body([text("store", (k * 37 + j) % s.working_set) for j in range(32)], encoding_format="base64")
-             for k in range(s.working_set)]
+    singles, multi = hit_bodies("store", s.working_set)
     gateways = {
         "redis": ctx.gateway,
         "memory": ctx.procs.gateway("gateway-memory", ctx.sim, "memory://"),
@@ -258,9 +262,7 @@ def routing_on_hits(ctx: Ctx) -> None:
     routing the model over three upstreams (jina, openai and tei kinds, key pools of 2, priorities 1-3), both on a
     fresh Redis cache: a hit must not pay for routing."""
     s = ctx.settings
-    singles = [body(text("route", i)) for i in range(s.working_set)]
-    multi = [body([text("route", (k * 37 + j) % s.working_set) for j in range(32)], encoding_format="base64")
-             for k in range(s.working_set)]
+    singles, multi = hit_bodies("route", s.working_set)
     url = f"http://127.0.0.1:{ctx.sim.port}"
     pool = {"keys": ["bench-key-1", "bench-key-2"], "models": [MODEL], "max_retries": 2}
     upstreams = [{"name": "jina", "kind": "jina", "url": url + "/v1", "priority": 1, **pool},

@@ -32,7 +32,7 @@ def serve(tmp_path: Path, configs: list[dict[str, Any]], *args: str) -> Iterator
                 procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(path), *args],
                                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
         for proc, url in zip(procs, urls, strict=True):
-            _wait_ready(proc, url)
+            wait_ready(proc, url + "/healthz", f"replica {url}")
         yield urls
     finally:
         for proc in procs:
@@ -41,16 +41,17 @@ def serve(tmp_path: Path, configs: list[dict[str, Any]], *args: str) -> Iterator
             proc.wait(30)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], url: str) -> None:
+def wait_ready(proc: subprocess.Popen[bytes], probe: str, name: str) -> None:
+    """Returns once `probe` answers 200; fails when `proc` exits first or it never answers."""
     for _ in range(600):
-        assert proc.poll() is None, f"replica {url} exited at start"
+        assert proc.poll() is None, f"{name} exited at start"
         try:
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
+            if requests.get(probe, timeout=1).status_code == 200:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.05)  # a process starting: nothing to wait on but its port
-    raise AssertionError(f"replica {url} never answered")
+    raise AssertionError(f"{name} never answered")
 
 
 class SimProcess:
@@ -71,15 +72,7 @@ class SimProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--port", str(self.port), *self.args],
                                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        for _ in range(600):
-            assert self.proc.poll() is None, "the simulator exited at start"
-            try:
-                if requests.get(self.url + "/", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)  # a process starting: nothing to wait on but its port
-        raise AssertionError("the simulator never answered")
+        wait_ready(self.proc, self.url + "/", "the simulator")
 
     def kill(self) -> None:
         assert self.proc is not None
