@@ -324,13 +324,24 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
                     pass
 
 
+class MessageFormatter(logging.Formatter):
+    """`%(message)s`, and a traceback when there is one: the message is the whole line. A record without one skips
+    `Formatter.format`'s style look-ups, which a serving process would pay per request."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        record.message = message = record.getMessage()
+        return message
+
+
 def setup_logging(level: str) -> None:
     """Message-only lines on stderr, written once per event-loop turn (`TurnBufferedHandler`). Handlers a program
     attaches to a logger (`gateway.access` for a log shipper) receive its records as they are logged. Records skip
     what this format never prints: thread and process (the logging HOWTO's "Optimization" list); the access line
     is made without a look-up of its caller's frame (middleware.write_access)."""
     handler = TurnBufferedHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))  # the message (and a traceback) is the whole line
+    handler.setFormatter(MessageFormatter())
     logging.basicConfig(level=level, handlers=[handler])
     atexit.register(handler.flush)  # writes what is pending before the process exits
     logging.logThreads = False

@@ -69,3 +69,22 @@ logging.getLogger("gateway").warning("last")
 """
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
     assert done.stderr.splitlines() == [f'{{"n":{i}}}' for i in range(500)] + ["last"]
+
+
+def test_a_serving_process_writes_an_error_with_its_traceback_and_args_formatted() -> None:
+    """The stderr format is the message alone; a logged exception adds its traceback below it."""
+    program = """
+import logging
+from gateway.server import setup_logging
+setup_logging("INFO")
+log = logging.getLogger("gateway")
+log.warning("upstream %s failed %d times", "jina", 3)
+try:
+    raise ValueError("boom")
+except ValueError:
+    log.exception("handler failed")
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
+    lines = done.stderr.splitlines()
+    assert lines[:3] == ["upstream jina failed 3 times", "handler failed", "Traceback (most recent call last):"]
+    assert lines[-1] == "ValueError: boom"
