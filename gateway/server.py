@@ -303,15 +303,14 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
         self.pending.append(line)
-        if loop is None:
+        if len(self.pending) > 1:
+            return  # this turn's write is already scheduled
+        try:
+            # Only for a turn's first line: on Python 3.11 each call is a getpid() system call.
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:
             self.flush()
-        elif len(self.pending) == 1:
-            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock or contextlib.nullcontext():

@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 from typing import Any
 
 import orjson
+import pytest
 
 from .conftest import AccessRecords, Gateway, auth
 
@@ -40,6 +42,40 @@ async def test_a_handler_on_gateway_access_receives_one_record_per_request(
     # The same fields, structured, for a handler that ships them as they are.
     assert [r.access for r in access.records] == lines  # type: ignore[attr-defined]
     assert all(r.levelno == logging.INFO for r in access.records)
+
+
+async def test_access_records_carry_their_own_time_and_come_from_an_installed_record_factory(
+    gateway: Gateway, access: AccessRecords
+) -> None:
+    """Records copied from a prototype still say when they were made; a program's own record factory (OpenTelemetry
+    installs one to add trace ids) makes the access records too."""
+    client = await gateway()
+    before = time.time()
+    async with client.get("/v1/usage", headers=auth()) as resp:
+        assert resp.status == 200
+    after = time.time()
+    (plain,) = access.records
+    assert before <= plain.created <= after and plain.name == "gateway.access"
+    made_by_logging = logging.LogRecord("x", logging.INFO, "", 0, "", (), None)
+    assert plain.relativeCreated - made_by_logging.relativeCreated == pytest.approx(
+        (plain.created - made_by_logging.created) * 1000, abs=1e-3)
+    default = logging.getLogRecordFactory()
+
+    def traced(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = default(*args, **kwargs)
+        record.trace_id = "t-1"
+        return record
+
+    logging.setLogRecordFactory(traced)
+    try:
+        async with client.get("/v1/usage", headers=auth()) as resp:
+            assert resp.status == 200
+    finally:
+        logging.setLogRecordFactory(default)
+    traced_record = access.records[1]
+    assert traced_record.trace_id == "t-1"  # type: ignore[attr-defined]
+    assert orjson.loads(traced_record.getMessage())["path"] == "/v1/usage"
+    assert plain.access["path"] == "/v1/usage" and not hasattr(plain, "trace_id")  # type: ignore[attr-defined]
 
 
 async def test_at_warning_level_no_access_record_is_made(gateway: Gateway, access: AccessRecords) -> None:
