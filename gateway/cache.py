@@ -7,6 +7,7 @@ Store errors are logged, counted and bypassed, never raised: losing the cache co
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 import time
@@ -160,8 +161,15 @@ def _owned(entry: Entry) -> tuple[Entry, int]:
 # ---- the cache -----------------------------------------------------------------------------------------
 
 
+# Reads asked for in the same event-loop turn share one MGET, sent early once it holds this many keys.
+MAX_KEYS_PER_READ = 1024
+
+
 class EmbeddingCache:
     """Lookups through the in-process tier, then the store; writes to both.
+
+    Store reads asked for during one event-loop turn (concurrent requests' misses of the in-process tier) go out
+    together as one read at the turn's end: one round trip and one client call instead of one per request.
 
     After a store connection error, or once the store has answered nothing for a whole `error_backoff_s`, the
     store is skipped for `error_backoff_s`, so an outage costs one failed call per period instead of one per
@@ -186,6 +194,9 @@ class EmbeddingCache:
         self._skip_until = 0.0
         self._answered_at = time.monotonic()  # when the store last answered a command
         self.local = LocalTier(local_max_bytes, ttl_s, clock)
+        self._reads: list[tuple[Sequence[bytes], asyncio.Future[list[bytes | None]]]] = []  # this turn's
+        self._read_keys = 0
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def get_many(self, keys: Sequence[bytes], *, promote: bool = True) -> list[Held | None]:
         """Each key's entry or None. `promote=False` (batch jobs) leaves the in-process tier as it is: a
@@ -250,13 +261,40 @@ class EmbeddingCache:
     async def _fetch(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys or self.store is None or not self._available():
             return [None] * len(keys)
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[list[bytes | None]] = loop.create_future()
+        self._reads.append((keys, reply))
+        self._read_keys += len(keys)
+        if self._read_keys >= MAX_KEYS_PER_READ:
+            self._send_reads()
+        elif len(self._reads) == 1:
+            loop.call_soon(self._send_reads)
+        return await reply
+
+    def _send_reads(self) -> None:
+        reads, self._reads, self._read_keys = self._reads, [], 0
+        if reads and self.store is not None:
+            task = asyncio.ensure_future(self._read(self.store, reads))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _read(
+        self, store: CacheStore, reads: list[tuple[Sequence[bytes], asyncio.Future[list[bytes | None]]]]
+    ) -> None:
+        """One store read for the keys of `reads`; each caller gets its own slice, or Nones when the read failed."""
+        keys = [key for asked, _ in reads for key in asked]
+        raws: list[bytes | None] = [None] * len(keys)
         try:
-            raws = await self.store.get_many(keys)
+            raws = await store.get_many(keys)
+            self._answered()
         except Exception as exc:
             self._failed("get", exc)
-            return [None] * len(keys)
-        self._answered()
-        return raws
+        finally:  # cancelled too (shutdown): no caller is left waiting
+            start = 0
+            for asked, reply in reads:
+                if not reply.done():  # a caller that went away has a cancelled reply
+                    reply.set_result(raws[start:start + len(asked)])
+                start += len(asked)
 
     def _decode(self, raw: bytes | None) -> Entry | None:
         if raw is None:
