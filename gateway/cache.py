@@ -212,12 +212,19 @@ class EmbeddingCache:
                 found[i] = self.local.put(keys[i], entry) if promote else Held(keys[i], entry, 0.0)
         return found
 
-    async def put_many(self, items: Sequence[tuple[bytes, Entry]], *, promote: bool = True) -> None:
-        """Keeps fresh upstream answers: in the in-process tier (always when it is the whole cache) and in the
-        store."""
+    def keep(self, items: Sequence[tuple[bytes, Entry]], *, promote: bool = True) -> None:
+        """The in-process half of `put_many`, done at once: callers woken after it find their entries in the tier."""
         if promote or self.store is None:
             for key, entry in items:
                 self.local.put(key, entry)
+
+    async def put_many(
+        self, items: Sequence[tuple[bytes, Entry]], *, promote: bool = True, kept: bool = False
+    ) -> None:
+        """Keeps fresh upstream answers: in the in-process tier (always when it is the whole cache; `kept` when
+        `keep` already did) and in the store."""
+        if not kept:
+            self.keep(items, promote=promote)
         if self.store is None or not items or not self._available():
             return
         writes = [(key, encode_entry(entry)) for key, entry in items]
@@ -227,6 +234,12 @@ class EmbeddingCache:
             self._failed("set", exc)
             return
         self._answered()
+
+    def held(self, key: bytes, entry: Entry) -> Held:
+        """`entry`, just answered for `key`, as the in-process tier holds it when it does: a rendering made for this
+        answer is then kept for the next hit instead of being made again."""
+        held = self.local.lru.peek(key)
+        return held if held is not None and held.entry.tokens == entry.tokens else Held(key, entry, 0.0)
 
     def renderings(self, found: Sequence[Held], output: str, render: Callable[[np.ndarray, str], bytes]) -> list[bytes]:
         """Each entry's `embedding` JSON in `output`, made by `render` once per entry and format, then kept."""

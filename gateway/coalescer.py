@@ -515,17 +515,26 @@ class Coalescer:
             raise
         shares = split(result.tokens, [p.miss.estimate for p in batch])
         price, estimated = result.price, result.estimated
-        for p, vec, tokens in zip(batch, result.vectors, shares, strict=True):
+        keys = [p.miss.key for p in batch]
+        if result.namespace != group.namespace:  # another namespace's upstream answered: stored in its own
+            prefix = renamespaced(group.key, group.namespace, result.namespace)
+            keys = item_keys(prefix, [p.miss.item for p in batch])
+        fresh = [(key, Entry(vectors=vec, tokens=tokens)) for key, vec, tokens in zip(keys, result.vectors, shares,
+                                                                                       strict=True)]
+        promote = any(p.rank == _RANK["interactive"] for p in batch)
+        # In the in-process tier before the callers wake: what they render for their answers is kept there.
+        self.cache.keep(fresh, promote=promote)
+        for p, (_, entry) in zip(batch, fresh, strict=True):
             if p.waiters:
                 payer = p.waiters[0]
                 p.payer = payer.owner
-                payer.billed += tokens * price
+                payer.billed += entry.tokens * price
                 if estimated:
-                    payer.estimated += tokens
+                    payer.estimated += entry.tokens
             else:
                 p.payer = p.owner
             if not p.future.done():
-                p.future.set_result(Entry(vectors=vec, tokens=tokens))
+                p.future.set_result(entry)
                 for waiter in p.waiters:
                     waiter.landed(None)
         # Callers already have their answers; the write happens once per key, then the flight ends (until
@@ -538,13 +547,7 @@ class Coalescer:
             # Let the woken callers answer their clients before this task encodes the entries and records the
             # call's metrics: a big batch's encoding would otherwise come before every answer.
             await asyncio.sleep(0)
-            keys = [p.miss.key for p in batch]
-            if result.namespace != group.namespace:  # another namespace's upstream answered: stored in its own
-                prefix = renamespaced(group.key, group.namespace, result.namespace)
-                keys = item_keys(prefix, [p.miss.item for p in batch])
-            fresh = [(key, Entry(vectors=vec, tokens=tokens))
-                     for key, vec, tokens in zip(keys, result.vectors, shares, strict=True)]
-            await self.cache.put_many(fresh, promote=any(p.rank == _RANK["interactive"] for p in batch))
+            await self.cache.put_many(fresh, promote=promote, kept=True)
         finally:
             self.upstream.record(result)
             self._land(batch)

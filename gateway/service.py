@@ -142,7 +142,7 @@ class EmbeddingService:
         )
         outcome.cost_usd, outcome.estimated_tokens = result.cost_usd, result.estimated_tokens
         for miss, entry, joined in zip(misses, result.entries, result.joined, strict=True):
-            found[miss.key] = Held(miss.key, entry, 0.0)
+            found[miss.key] = self.cache.held(miss.key, entry)
             if joined:
                 outcome.joined += 1
             else:

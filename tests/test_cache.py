@@ -313,6 +313,29 @@ async def test_local_entries_render_byte_identically_and_survive_a_flushed_redis
 
 
 
+@pytest.mark.parametrize("cache_url", ["memory://", "redis"])
+async def test_an_answer_rendered_for_a_miss_is_kept_for_the_hits_after_it(
+    gateway: Gateway, redis_url: str, cache_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[str] = []
+    fragment = render.fragment
+
+    def counted(vec: np.ndarray, output: str) -> bytes:
+        made.append(output)
+        return fragment(vec, output)
+
+    monkeypatch.setattr(render, "fragment", counted)
+    client = await gateway(cache={"url": redis_url if cache_url == "redis" else cache_url})
+    body = orjson.dumps({"model": "jina-embeddings-v3", "input": ["kept one", "kept two"]})
+    answers = []
+    for _ in range(3):  # a miss, then two hits
+        resp = await client.post("/v1/embeddings", data=body, headers=auth())
+        assert resp.status == 200
+        answers.append(await resp.read())
+    assert made == ["float", "float"]  # one rendering per input, made for the miss
+    assert answers[0] == answers[1] == answers[2]
+
+
 def test_content_keys_are_stable_across_releases() -> None:
     """Keys address entries other replicas and earlier releases wrote: a change in how they are computed
     would silently empty the cache. These digests were computed by the first release's streaming hasher."""

@@ -190,9 +190,9 @@ def count_cache_writes(client: TestClient) -> list[int]:
     writes: list[int] = []
     put_many = cache.put_many
 
-    async def counted(items: Sequence[tuple[bytes, Any]], *, promote: bool = True) -> None:
+    async def counted(items: Sequence[tuple[bytes, Any]], *, promote: bool = True, kept: bool = False) -> None:
         writes.append(len(items))
-        await put_many(items, promote=promote)
+        await put_many(items, promote=promote, kept=kept)
 
     cache.put_many = counted  # type: ignore[method-assign]
     return writes
