@@ -20,7 +20,7 @@ from gateway.cache import EmbeddingCache
 from gateway.codec import Entry
 from gateway.keys import CACHE_PREFIX
 from gateway.store import CacheStore, open_cache_store
-from gateway.store.redis import connect
+from gateway.store.redis import SET_SCRIPT_KEYS, connect
 
 from .conftest import Gateway, auth, sim_of
 from .redis_server import RedisServer, free_port
@@ -51,6 +51,25 @@ async def test_values_come_back_byte_for_byte_with_their_ttl(store: CacheStore, 
     assert await store.get_many([b"k0", b"absent", b"k31"]) == [values[0], None, values[31]]
     observer = aioredis.Redis.from_url(redis_url)
     assert 55 <= await observer.ttl(CACHE_PREFIX + b"k0") <= 60
+    await observer.aclose()
+
+
+async def test_writes_bigger_than_one_script_and_after_a_script_flush_all_land(
+    store: CacheStore, redis_url: str
+) -> None:
+    """Writes go as scripts of at most SET_SCRIPT_KEYS entries; a server that forgot the script (a restart, a
+    failover to a replica, `SCRIPT FLUSH`) gets it again on the next write."""
+    observer = aioredis.Redis.from_url(redis_url)
+    values = [b"v%d" % i for i in range(2 * SET_SCRIPT_KEYS + 88)]
+    before = await _calls(observer, "evalsha")
+    await store.set_many([(b"w%d" % i, v) for i, v in enumerate(values)], ttl_s=60)
+    assert await _calls(observer, "evalsha") - before == 3
+    assert await store.get_many([b"w%d" % i for i in range(len(values))]) == values
+    await observer.script_flush()
+    await store.set_many([(b"after-flush", b"x")], ttl_s=30)
+    assert await store.get_many([b"after-flush"]) == [b"x"]
+    assert 25 <= await observer.ttl(CACHE_PREFIX + b"after-flush") <= 30
+    assert 55 <= await observer.ttl(CACHE_PREFIX + b"w%d" % (len(values) - 1)) <= 60
     await observer.aclose()
 
 
@@ -146,11 +165,16 @@ def test_on_uvloop_too(redis_url: str) -> None:
 # ---- reads of one event-loop turn share one MGET --------------------------------------------------------------
 
 
+async def _calls(observer: aioredis.Redis, command: str) -> int:
+    stats = await observer.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
 async def _mget_calls(url: str) -> int:
     observer = aioredis.Redis.from_url(url)
-    stats = await observer.info("commandstats")
+    calls = await _calls(observer, "mget")
     await observer.aclose()
-    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+    return calls
 
 
 async def test_lookups_asked_in_one_turn_share_one_mget_and_each_gets_its_own_entries(redis_url: str) -> None:
