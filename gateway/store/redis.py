@@ -211,9 +211,9 @@ def is_cluster(client: Any) -> bool:
 
 class RedisCacheStore:
     """The cache on Redis, through redis-py's pooled client (hiredis parses replies): one MGET per read, one
-    script call per write of up to SET_SCRIPT_KEYS entries (a pipeline of SETs in a cluster). A command that gets no answer within the socket timeout
-    raises the builtin `TimeoutError` and fails only its own callers; every other failure raises `RedisError`
-    or `OSError`."""
+    script call per write of up to SET_SCRIPT_KEYS entries (a pipeline of SETs in a cluster). A command that gets
+    no answer within the socket timeout raises the builtin `TimeoutError` and fails only its own callers; every
+    other failure raises `RedisError` or `OSError`."""
 
     def __init__(self, client: Any, *, prefix: bytes = CACHE_PREFIX) -> None:
         self.client = client
