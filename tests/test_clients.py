@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import inspect
 import os
 import shutil
 import threading
@@ -245,18 +246,22 @@ async def test_langchain_openai_against_a_jina_upstream_is_told_the_setting(
 ) -> None:
     embeddings_module = need("langchain_openai")
     openai = need("openai")
+    httpx = need("httpx")
     client = await gateway()
     url = str(client.make_url("/v1"))
     texts = texts_for("langchain to jina")
-    defaults = embeddings_module.OpenAIEmbeddings(model=MODEL, base_url=url, api_key=TEAM_A_KEY, max_retries=0)
-    with pytest.raises(openai.UnprocessableEntityError) as caught:
-        await defaults.aembed_documents(texts)
-    assert "check_embedding_ctx_length=False" in str(caught.value)
-    assert sim_of(client).calls == 0
-    as_text = embeddings_module.OpenAIEmbeddings(model=MODEL, base_url=url, api_key=TEAM_A_KEY, max_retries=0,
-                                                 check_embedding_ctx_length=False)
-    first = await as_text.aembed_documents(texts)
-    assert_repeat(first, await as_text.aembed_documents(texts), 1024)
+    # Its own HTTP client, closed before this test's event loop ends (LangChain never closes the one it makes).
+    async with httpx.AsyncClient() as http:
+        settings = {"model": MODEL, "base_url": url, "api_key": TEAM_A_KEY, "max_retries": 0,
+                    "http_async_client": http}
+        defaults = embeddings_module.OpenAIEmbeddings(**settings)
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            await defaults.aembed_documents(texts)
+        assert "check_embedding_ctx_length=False" in str(caught.value)
+        assert sim_of(client).calls == 0
+        as_text = embeddings_module.OpenAIEmbeddings(**settings, check_embedding_ctx_length=False)
+        first = await as_text.aembed_documents(texts)
+        assert_repeat(first, await as_text.aembed_documents(texts), 1024)
     assert sim_of(client).calls == 1
 
 
@@ -286,6 +291,14 @@ def test_litellm(served: Served, prefix: str) -> None:
     first = embed()
     assert_repeat(first, embed(), 1024)
     assert calls.new == 1
+    # litellm keeps the HTTP clients it makes in a module-level cache for the life of the process: close the
+    # synchronous ones this test used (their sockets would otherwise be left open at exit) and forget them all.
+    cache = litellm.in_memory_llm_clients_cache
+    for cached in list(cache.cache_dict.values()):
+        close = getattr(cached, "close", None)
+        if callable(close) and not inspect.iscoroutinefunction(close):
+            close()
+    cache.flush_cache()
 
 
 def test_haystack_openai_embedders(served: Served) -> None:
