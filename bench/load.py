@@ -92,8 +92,23 @@ def run(gen: str, load: Load) -> Result:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 when no process is given)."""
+    """User + system CPU seconds so far of a process and its children (the workers of `serve --workers N`); 0 when
+    no process is given."""
     if not pid:
         return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(_own_cpu_seconds(p) for p in (pid, *_children(pid)))
+
+
+def _own_cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # it ended in between
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
