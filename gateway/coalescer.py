@@ -28,7 +28,7 @@ import logging
 import math
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -51,6 +51,9 @@ Priority = Literal["interactive", "batch"]
 _RANK: dict[str, int] = {"interactive": 0, "batch": 1}
 # asyncio may run a timer a clock tick early; a deadline this close counts as reached.
 _EPSILON_S = 1e-6
+# How many answers of ended flights stay findable (`Coalescer._landed`): a lookup outlives a flight by at most a
+# store round trip, in which far fewer inputs land; references to entries the cache holds anyway.
+LANDED_KEPT = 1024
 _INPUT_FIELD = re.compile(r"^(?:body[.])?input(?:\[(\d+)\]|[.](\d+))?(?:$|[.\[])")
 
 
@@ -173,6 +176,10 @@ class Coalescer:
         self.metrics = metrics
         self.call_budget_s = call_budget_s
         self._flights: dict[bytes, _Pending] = {}
+        # The answers of the latest flights to end, by key, with the `landings` count they ended at: a caller whose
+        # cache lookup began before a flight ended, and came here after, joins that answer instead of paying again.
+        self._landed: OrderedDict[bytes, tuple[int, Entry]] = OrderedDict()
+        self.landings = 0  # flights ended so far; read it before a cache lookup and pass it to `submit`
         self._units: dict[bytes, asyncio.Future[Joined]] = {}
         self._unit_inputs = 0
         self._groups: dict[bytes, _Group] = {}
@@ -230,8 +237,12 @@ class Coalescer:
         team: str = "",
         weight: float = 1.0,
         priority: Priority = "interactive",
+        looked_up_at: int | None = None,
     ) -> Joined:
         """Resolves every miss (distinct keys) through one shared flight each; waits until `deadline`.
+
+        `looked_up_at` is `landings` when the caller's cache lookup began: a miss whose flight ended since then
+        (its store write raced the lookup) is given that flight's answer.
 
         `prefix` is the misses' key prefix (cache.key_prefix): misses of one prefix batch together, and answers are
         cached under their keys, or under the answering upstream's namespace when it is not the prefix's.
@@ -239,6 +250,15 @@ class Coalescer:
         """
         if not misses:
             return Joined(entries=[], joined=[])
+        if looked_up_at is not None and looked_up_at < self.landings:
+            landed = {}
+            for m in misses:
+                ended = self._landed.get(m.key)
+                if ended is not None and ended[0] > looked_up_at:
+                    landed[m.key] = ended[1]
+            if landed:
+                return await self._submit_after_landed(prefix, params, misses, landed, owner=owner, deadline=deadline,
+                                                       team=team, weight=weight, priority=priority)
         caller = _Caller(owner, team, weight if weight > 0 else 1.0, _RANK[priority], deadline)
         waiter = _Waiter(owner, asyncio.get_running_loop().create_future(), len(misses))
         pendings = self._register(prefix, params, misses, caller, waiter)
@@ -255,6 +275,17 @@ class Coalescer:
             raise
         return Joined([p.future.result() for p in pendings], [p.payer != owner for p in pendings],
                       waiter.billed / 1e6, waiter.estimated)
+
+    async def _submit_after_landed(
+        self, prefix: bytes, params: dict[str, Any], misses: Sequence[Miss], landed: dict[bytes, Entry], **caller: Any
+    ) -> Joined:
+        """`submit` of misses some of which (`landed`) a flight that ended during the lookup answered."""
+        self.joins += len(landed)
+        rest = await self.submit(prefix, params, [m for m in misses if m.key not in landed], **caller)
+        fetched = iter(zip(rest.entries, rest.joined, strict=True))
+        answers = [(landed[m.key], True) if m.key in landed else next(fetched) for m in misses]
+        return Joined([entry for entry, _ in answers], [joined for _, joined in answers], rest.cost_usd,
+                      rest.estimated_tokens)
 
     async def submit_unit(
         self, key: bytes, params: dict[str, Any], items: list[Item], *, deadline: float, prefix: bytes = b""
@@ -590,9 +621,16 @@ class Coalescer:
         self._land(batch)
 
     def _land(self, batch: list[_Pending]) -> None:
+        landed = self._landed
+        self.landings += 1
         for p in batch:
             if self._flights.get(p.miss.key) is p:
                 del self._flights[p.miss.key]
+            if p.future.done() and not p.future.cancelled() and p.future.exception() is None:
+                landed[p.miss.key] = (self.landings, p.future.result())
+                landed.move_to_end(p.miss.key)
+        while len(landed) > LANDED_KEPT:
+            landed.popitem(last=False)
         self._gauge()
 
     async def _send_unit(

@@ -98,6 +98,7 @@ class EmbeddingService:
             return await self._embed_unit(team, request, prefix, deadline)
         keys = request_keys(request, prefix)
         unique = list(dict.fromkeys(keys)) if len(keys) > 1 else keys  # first occurrences, in order
+        landings = self.coalescer.landings
         looked_up = await self.cache.get_many(unique, promote=priority == "interactive")
         found = {key: held for key, held in zip(unique, looked_up, strict=True) if held is not None}
         outcome = Outcome(hits=len(found), duplicates=len(keys) - len(unique))
@@ -114,7 +115,7 @@ class EmbeddingService:
             if self.admits(team):
                 outcome.reservation = await self._reserve(team, sum(m.estimate for m in misses), found, request.model)
             try:
-                await self._fetch(team, request, prefix, misses, found, outcome, deadline, priority)
+                await self._fetch(team, request, prefix, misses, found, outcome, deadline, priority, landings)
             finally:
                 await self._reconcile(outcome.reservation, outcome.upstream_tokens, outcome.cost_usd)
         elif self.admits(team):
@@ -134,11 +135,13 @@ class EmbeddingService:
         outcome: Outcome,
         deadline: float,
         priority: Priority,
+        landings: int,
     ) -> None:
+        """`landings`: the coalescer's count of ended flights when the cache lookup began."""
         owner = self.coalescer.new_owner()
         result = await self.coalescer.submit(
             prefix, request.params, misses, owner=owner, deadline=deadline,
-            team=team.name, weight=team.weight, priority=priority,
+            team=team.name, weight=team.weight, priority=priority, looked_up_at=landings,
         )
         outcome.cost_usd, outcome.estimated_tokens = result.cost_usd, result.estimated_tokens
         for miss, entry, joined in zip(misses, result.entries, result.joined, strict=True):

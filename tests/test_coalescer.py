@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -631,3 +632,68 @@ async def test_batch_priority_only_fills_what_interactive_work_leaves(rig: Make)
     assert first[:2] == ["an interactive query", text("job", 299)] and len(first) == 100
     assert [len(q["input"]) for q in r.sim.requests[1:]] == [100, 100, 100, 1]
     assert outcome.misses == 300 and len(outcome.vectors) == 300
+
+
+# ---- a lookup that outlives the flight it missed ----------------------------------------------------------
+
+
+async def test_a_lookup_that_missed_before_a_flights_write_landed_joins_its_answer(
+    gateway: Gateway, redis_url: str
+) -> None:
+    """Request B's store read is sent while A's flight for the same input is out, and answered (a miss) only after
+    that flight has written the entry and ended: B joins A's answer instead of sending the input upstream again."""
+    client = await gateway(cache={"url": redis_url, "hot_max_bytes": 0}, sim=SimConfig(latency_base_ms=50))
+    simulator, coalescer = client.app[K.SIMULATOR], client.app[K.COALESCER]
+    store = client.app[K.CACHE].store
+    assert store is not None
+    read = store.get_many
+    reads = 0
+    flight_ended = asyncio.Event()
+
+    async def late_second_read(keys: Sequence[bytes]) -> list[bytes | None]:
+        nonlocal reads
+        reads += 1
+        raws = await read(keys)  # sent now, while the flight is out: a miss
+        if reads == 2:
+            await flight_ended.wait()  # its answer reaches the request only after the flight has ended
+        return raws
+
+    store.get_many = late_second_read  # type: ignore[method-assign]
+    body = {"model": MODEL, "input": ["raced input"]}
+    first = asyncio.ensure_future(client.post("/v1/embeddings", json=body, headers=auth()))
+    await _until(lambda: coalescer.pending_inputs == 1)  # A's input is in flight
+    second = asyncio.ensure_future(client.post("/v1/embeddings", json=body, headers=auth()))
+    await _until(lambda: reads == 2)
+    a = await first
+    assert (a.status, a.headers["X-Cache-Misses"]) == (200, "1")
+    await _until(lambda: coalescer.pending_inputs == 0)  # written, and the flight is over
+    flight_ended.set()
+    b = await second
+    assert (b.status, b.headers["X-Cache-Misses"], b.headers["X-Cache-Joined"]) == (200, "0", "1")
+    assert b.headers["X-Upstream-Tokens"] == "0"
+    assert await b.read() == await a.read()
+    assert simulator.calls == 1
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(5000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
+
+
+async def test_a_lookup_begun_after_a_flight_ended_does_not_get_its_answer(gateway: Gateway, redis_url: str) -> None:
+    """The answers kept for racing lookups are not a cache tier: once the store loses the entry (flushed here), a
+    later request is sent upstream again."""
+    client = await gateway(cache={"url": redis_url, "hot_max_bytes": 0})
+    simulator, coalescer = client.app[K.SIMULATOR], client.app[K.COALESCER]
+    body = {"model": MODEL, "input": ["flushed input"]}
+    assert (await client.post("/v1/embeddings", json=body, headers=auth())).status == 200
+    await _until(lambda: coalescer.pending_inputs == 0)
+    observer = aioredis.Redis.from_url(redis_url)
+    await observer.flushdb()
+    await observer.aclose()
+    again = await client.post("/v1/embeddings", json=body, headers=auth())
+    assert (again.status, again.headers["X-Cache-Misses"], again.headers["X-Cache-Joined"]) == (200, "1", "0")
+    assert simulator.calls == 2
