@@ -138,7 +138,7 @@ class Upstream:
     limits: UpstreamLimits = field(default_factory=UpstreamLimits)
     sim: SimSettings = field(default_factory=SimSettings)
     tls: UpstreamTls = field(default_factory=UpstreamTls)
-    # Take HTTP(S)_PROXY, NO_PROXY and ~/.netrc from the environment, as aiohttp's `trust_env` does.
+    # Call through the proxy the environment names (HTTP(S)_PROXY, NO_PROXY, its ~/.netrc credentials), read at start.
     trust_env: Bool = True
 
     def max_inputs_for(self, model: str) -> int:

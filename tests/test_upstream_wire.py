@@ -222,3 +222,31 @@ async def test_nobody_listening_is_a_502(gateway: Gateway) -> None:
     client = await gateway(upstream={"url": f"http://127.0.0.1:{port}/v1", "max_retries": 0})
     status, answer = await embed(client, "nobody home")
     assert status == 502 and answer["code"] == "UPSTREAM_ERROR"
+
+
+async def test_an_upstream_named_in_no_proxy_is_called_directly(
+    gateway: Gateway, wire: Callable[..., Awaitable[Wire]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy, upstream = await wire(good), await wire(good)
+    for name in ("no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    client = await gateway(upstream={"url": f"http://127.0.0.1:{upstream.port}/v1"})
+    for text in ("direct one", "direct two"):
+        status, answer = await embed(client, text)
+        assert status == 200, answer
+    assert len(upstream.bodies) == 2 and not proxy.heads
+
+
+async def test_with_trust_env_off_the_environments_proxy_is_not_used(
+    gateway: Gateway, wire: Callable[..., Awaitable[Wire]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy, upstream = await wire(good), await wire(good)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+    client = await gateway(upstream={"url": f"http://127.0.0.1:{upstream.port}/v1", "trust_env": False})
+    status, answer = await embed(client, "no proxy")
+    assert status == 200, answer
+    assert len(upstream.bodies) == 1 and not proxy.heads

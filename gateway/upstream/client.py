@@ -20,6 +20,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from .. import config as cfg
 from ..cache import namespace_part
@@ -102,6 +104,8 @@ class UpstreamClient:
         self.pool = KeyPool(config.name, keys, metrics, eject_s=config.eject_s, monotonic=monotonic)
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_open_s, monotonic)
         self._session: aiohttp.ClientSession | None = None
+        self._proxy: URL | None = None
+        self._proxy_auth: aiohttp.BasicAuth | None = None
 
     @property
     def capacity(self) -> int:
@@ -111,6 +115,8 @@ class UpstreamClient:
     async def start(self) -> None:
         """Opens the session (in the app's cleanup context: it needs the running loop)."""
         self._session = open_session(self.config, connections=self.capacity)
+        if self.config.trust_env:
+            self._proxy, self._proxy_auth = env_proxy(self.base_url)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -243,7 +249,8 @@ class UpstreamClient:
     ) -> tuple[int, Mapping[str, str], bytes]:
         assert self._session is not None, "UpstreamClient.start() was not called"
         timeout = aiohttp.ClientTimeout(total=min(self.config.timeout_s, remaining))
-        async with self._session.post(url, data=body, headers=key.headers, timeout=timeout) as resp:
+        async with self._session.post(url, data=body, headers=key.headers, timeout=timeout, proxy=self._proxy,
+                                      proxy_auth=self._proxy_auth) as resp:
             return resp.status, resp.headers, await resp.read()
 
     def _count(self, model: str, key: ApiKey, status: str, started: float) -> None:
@@ -304,14 +311,20 @@ class UpstreamClient:
 
 
 def open_session(config: cfg.Upstream, *, connections: int) -> aiohttp.ClientSession:
-    """One pooled session for one upstream: `connections` keep-alive connections, proxies from the environment
-    (`HTTPS_PROXY`, `NO_PROXY`) unless `trust_env` is off, the upstream's TLS settings, gzip/deflate answers decoded."""
+    """One pooled session for one upstream: `connections` keep-alive connections, the upstream's TLS settings,
+    gzip/deflate answers decoded. The environment's proxy is `env_proxy`'s, passed with each call."""
     connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0, keepalive_timeout=30,
                                      ssl=_ssl_context(config.tls))
-    return aiohttp.ClientSession(
-        connector=connector, trust_env=config.trust_env, auto_decompress=True,
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
+    return aiohttp.ClientSession(connector=connector, auto_decompress=True, timeout=aiohttp.ClientTimeout(total=None))
+
+
+def env_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy the environment names for `url` (`HTTP(S)_PROXY`, `NO_PROXY`, its credentials from `~/.netrc`),
+    read once: a session's `trust_env` reads them again for every call, in a thread."""
+    try:
+        return get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None, None
 
 
 def _ssl_context(tls: cfg.UpstreamTls) -> ssl.SSLContext | bool:
