@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import logging
@@ -144,6 +145,15 @@ def sim_process(tmp_path: Path) -> Iterator[Callable[..., SimProcess]]:
 
 def sim_of(client: TestClient) -> Simulator:
     return client.app[K.SIMULATOR]
+
+
+async def until(condition: Callable[[], object], within_s: float = 30.0) -> None:
+    """Polls `condition()` until it is true; fails the test if it is not within `within_s` (a bound, not a timing)."""
+    for _ in range(int(within_s / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition never held")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -18,7 +18,7 @@ from gateway import appkeys as K
 from gateway.quota import QuotaBackend
 
 from .clock import FakeClock, utc
-from .conftest import TEAM_A_KEY, Gateway, auth
+from .conftest import TEAM_A_KEY, Gateway, auth, until
 from .redis_server import free_port
 from .test_quota import limits
 
@@ -163,13 +163,6 @@ class Receiver:
 async def settle(clients: list[TestClient]) -> None:
     for client in clients:
         await client.app[K.BUDGET].idle()
-
-
-async def until(condition: Any, within_s: float = 30.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("receiver_down", ["no", "refusing connections", "answering 503"])

@@ -32,7 +32,7 @@ from gateway.errors import UpstreamTimeout
 from gateway.protocol import parse_embedding_request
 from gateway.sim import Fault, SimConfig, Simulator
 
-from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, base_config, sim_of
+from .conftest import TEAM_A_KEY, TEAM_B_KEY, Gateway, auth, base_config, sim_of, until
 
 MODEL = "jina-embeddings-v3"
 TEAM_C_KEY = "eg-test-team-c"
@@ -661,26 +661,18 @@ async def test_a_lookup_that_missed_before_a_flights_write_landed_joins_its_answ
     store.get_many = late_second_read  # type: ignore[method-assign]
     body = {"model": MODEL, "input": ["raced input"]}
     first = asyncio.ensure_future(client.post("/v1/embeddings", json=body, headers=auth()))
-    await _until(lambda: coalescer.pending_inputs == 1)  # A's input is in flight
+    await until(lambda: coalescer.pending_inputs == 1)  # A's input is in flight
     second = asyncio.ensure_future(client.post("/v1/embeddings", json=body, headers=auth()))
-    await _until(lambda: reads == 2)
+    await until(lambda: reads == 2)
     a = await first
     assert (a.status, a.headers["X-Cache-Misses"]) == (200, "1")
-    await _until(lambda: coalescer.pending_inputs == 0)  # written, and the flight is over
+    await until(lambda: coalescer.pending_inputs == 0)  # written, and the flight is over
     flight_ended.set()
     b = await second
     assert (b.status, b.headers["X-Cache-Misses"], b.headers["X-Cache-Joined"]) == (200, "0", "1")
     assert b.headers["X-Upstream-Tokens"] == "0"
     assert await b.read() == await a.read()
     assert simulator.calls == 1
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(5000):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("the condition never held")
 
 
 async def test_a_lookup_begun_after_a_flight_ended_does_not_get_its_answer(gateway: Gateway, redis_url: str) -> None:
@@ -690,7 +682,7 @@ async def test_a_lookup_begun_after_a_flight_ended_does_not_get_its_answer(gatew
     simulator, coalescer = client.app[K.SIMULATOR], client.app[K.COALESCER]
     body = {"model": MODEL, "input": ["flushed input"]}
     assert (await client.post("/v1/embeddings", json=body, headers=auth())).status == 200
-    await _until(lambda: coalescer.pending_inputs == 0)
+    await until(lambda: coalescer.pending_inputs == 0)
     observer = aioredis.Redis.from_url(redis_url)
     await observer.flushdb()
     await observer.aclose()

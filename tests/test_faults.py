@@ -30,7 +30,7 @@ from gateway.app import create_app
 from gateway.auth import hash_key
 from gateway.sim import Fault, SimConfig, Simulator, start_sim
 
-from .conftest import ADMIN_KEY, TEAM_A_KEY, base_config, merge
+from .conftest import ADMIN_KEY, TEAM_A_KEY, base_config, merge, until
 from .redis_server import RedisServer
 from .reliability import Answer, Resources, assert_error_shape, fire, record, resources, tally, vectors_of
 
@@ -259,10 +259,8 @@ async def test_cache_redis_killed_and_restarted_under_load(
     record(name, answers := await rig.load(warm := bodies("redis warm", 20)))
     assert_right(answers, warm)
     coalescer = rig.client.app[K.COALESCER]
-    for _ in range(500):  # callers are answered before their entries' write lands; a flight ends when it has
-        if coalescer.pending_inputs == 0:
-            break
-        await asyncio.sleep(0.01)
+    # Callers are answered before their entries' write lands; a flight ends when it has.
+    await until(lambda: coalescer.pending_inputs == 0)
     record(name, answers := await rig.load(warm))
     assert all(a.headers["X-Cache-Hits"] == "3" for a in answers)  # cached in Redis
     before = await rig.settle()

@@ -20,7 +20,7 @@ from gateway.auth import hash_key
 from gateway.live import keep_restart_only
 from gateway.sim import SimConfig, Simulator
 
-from .conftest import TEAM_A_KEY, TEAM_B_KEY, auth, base_config
+from .conftest import TEAM_A_KEY, TEAM_B_KEY, auth, base_config, until
 
 TEAM_C_KEY = "eg-test-team-c"
 Started = Callable[[dict[str, Any]], Awaitable[tuple[TestClient, Path]]]
@@ -52,14 +52,6 @@ async def embed(client: TestClient, key: str, text: str) -> int:
                              headers=auth(key))
     await resp.read()
     return resp.status
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(2000):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition never held")
 
 
 async def test_reload_rotates_keys_while_requests_are_in_flight(started: Started) -> None:

@@ -20,6 +20,8 @@ from pytest_aiohttp import AiohttpClient
 
 from gateway.sim import Fault, SimConfig, SimError, Simulator, start_sim
 
+from .conftest import until
+
 MODEL = "jina-embeddings-v3"
 Client = TestClient[web.Request, web.Application]
 F32 = npt.NDArray[np.float32]
@@ -536,15 +538,6 @@ async def test_start_sim_serves_and_cleans_up() -> None:
 
 
 # ---------------------------------------------------------------- control of a standalone sim
-
-
-async def until(check: Any) -> None:
-    """Polls a condition the sim reaches by itself (bounded: 2 s)."""
-    for _ in range(200):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 async def test_pause_holds_answers_and_a_caller_that_left_is_not_billed() -> None:
